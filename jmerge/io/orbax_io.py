@@ -1,0 +1,55 @@
+"""Orbax (v1 API) checkpoints of the params pytree, restorable onto any mesh shape.
+
+An orbax model directory holds `config.json`, the tokenizer files, and `params/` (orbax). The
+restore target is abstract (shape, dtype, NamedSharding on the new mesh), so a checkpoint written
+on one mesh loads onto another without a host copy of the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from jax.sharding import Mesh
+
+from jmerge import sharding as shd
+from jmerge.config import ModelConfig, load_config
+from jmerge.errors import JmergeError
+from jmerge.io.atomic import atomic_dir
+from jmerge.io.hf import copy_tokenizer, write_config
+
+try:  # the v1 API moved out of `experimental` in newer orbax releases
+    import orbax.checkpoint.v1 as ocp
+except ImportError:
+    import orbax.checkpoint.experimental.v1 as ocp
+
+
+def is_orbax_dir(path: str | Path) -> bool:
+    return (Path(path) / "params").is_dir() and ocp.is_orbax_checkpoint(Path(path) / "params")
+
+
+def save_orbax(params, cfg: ModelConfig, out: str | Path, *, extra_from=None, force=False,
+               tokenizer_writer=None) -> Path:
+    with atomic_dir(out, force) as tmp:
+        ocp.save_pytree(tmp / "params", params)
+        if jax.process_index() == 0:
+            leaf = jax.tree.leaves(params)[0]
+            write_config(tmp, cfg, leaf.dtype)
+            if extra_from is not None:
+                copy_tokenizer(extra_from, tmp)
+            if tokenizer_writer is not None:
+                tokenizer_writer(tmp)
+    return Path(out)
+
+
+def load_orbax(path: str | Path, mesh: Mesh | None = None, dtype=None) -> tuple[ModelConfig, dict]:
+    path = Path(path)
+    if not is_orbax_dir(path):
+        raise JmergeError(f"{path}: not a jmerge orbax directory (config.json + params/)")
+    cfg = load_config(path)
+    mesh = mesh or shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    meta = ocp.pytree_metadata(path / "params").metadata
+    shardings = shd.param_shardings(meta, mesh)
+    target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s),
+                          meta, shardings)
+    return cfg, ocp.load_pytree(path / "params", target)

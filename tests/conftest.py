@@ -1,0 +1,101 @@
+"""Shared fixtures. Tiny random models built with transformers serve as references for unit
+tests; the real SmolLM2 weights (the embedded default) serve tests marked `slow`."""
+
+from __future__ import annotations
+
+import os
+
+# Eight simulated CPU devices for sharding tests; must be set before jax initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import functools  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_hf_config(family: str, **over):
+    """A tiny transformers config of one family (GQA on)."""
+    import transformers as tf
+    kw = dict(TINY)
+    if family == "llama":
+        kw.update(tie_word_embeddings=False)
+        cls = tf.LlamaConfig
+    elif family == "llama3":
+        kw.update(tie_word_embeddings=True, rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16), rope_theta=500000.0)
+        cls = tf.LlamaConfig
+    elif family == "mistral":
+        kw.update(sliding_window=4, tie_word_embeddings=False)
+        cls = tf.MistralConfig
+    elif family == "qwen2":
+        kw.update(tie_word_embeddings=False)
+        cls = tf.Qwen2Config
+    elif family == "qwen3":
+        kw.update(head_dim=16, tie_word_embeddings=False)
+        cls = tf.Qwen3Config
+    else:
+        raise ValueError(family)
+    kw.update(over)
+    return cls(**kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_model(family: str, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(family), dtype=torch.float32).eval()
+    with torch.no_grad():  # random norms/biases, so a layout mix-up cannot hide behind ones/zeros
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: family -> directory of a saved tiny transformers model (float32)."""
+    root = tmp_path_factory.mktemp("tiny")
+    made = {}
+
+    def make(family: str = "llama", seed: int = 0) -> Path:
+        key = (family, seed)
+        if key not in made:
+            d = root / f"{family}-{seed}"
+            _torch_model(family, seed).save_pretrained(d)
+            made[key] = d
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def torch_model():
+    return _torch_model
+
+
+def padded_batch(vocab: int, lengths, seed: int = 0):
+    """Left-padded ids/mask and padding-aware position ids (as transformers' generate makes)."""
+    rng = np.random.RandomState(seed)
+    t = max(lengths)
+    ids = rng.randint(1, vocab, (len(lengths), t))
+    mask = np.zeros((len(lengths), t), np.int64)
+    for i, n in enumerate(lengths):
+        mask[i, t - n:] = 1
+    ids = ids * mask
+    pos = np.clip(mask.cumsum(1) - 1, 0, None)
+    return ids, mask, pos
+
+
+def smollm2_dir() -> Path | None:
+    """The converted embedded default, if present in the cache (tests needing it are `slow`)."""
+    from jmerge.default_model import cached_default_dir
+    d = cached_default_dir()
+    return d if d is not None and (d / "config.json").exists() else None
