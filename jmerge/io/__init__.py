@@ -39,7 +39,7 @@ class GGUFSource:
         return self._names
 
     def shape(self, name):
-        return tuple(self.model.tensor_shape(name)) if hasattr(self.model, "tensor_shape") else self.array(name).shape
+        return tuple(self.model.shape(name))
 
     def dtype(self, name):
         return self.array(name).dtype
@@ -63,7 +63,7 @@ def _split_adapter(src: str) -> tuple[str, str | None]:
 def load_model(src: str | Path, *, mesh: Mesh | None = None, dtype=None, allow_nonfinite=False,
                progress=False, base: str | Path | None = None) -> Loaded:
     from jmerge.io import hf, orbax_io, peft
-    from jmerge.io.safetensors_io import Checkpoint
+    from jmerge.io.safetensors_io import PICKLE_SUFFIXES, Checkpoint, pickle_message
 
     src = str(src)
     path_s, adapter = _split_adapter(src)
@@ -78,6 +78,8 @@ def load_model(src: str | Path, *, mesh: Mesh | None = None, dtype=None, allow_n
                 raise JmergeError(f"{adapter}: a LoRA adapter needs its base model: pass BASE+{adapter} "
                                   f"(or --base BASE); its config names {named!r}, not a local directory")
             path = Path(named)
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise JmergeError(pickle_message(path))
     if path.suffix == ".gguf":
         from jmerge.io.gguf import read_gguf
         g = read_gguf(path)

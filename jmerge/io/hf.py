@@ -108,11 +108,17 @@ def load_params(src: TensorSource, cfg: ModelConfig, mesh: Mesh | None = None, d
         spec = shd.spec_for("/".join(path), tuple(a.shape), mesh)
         sharding = jax.sharding.NamedSharding(mesh, spec)
 
-        def read(index, names=names, stacked=stacked, tdt=tdt):
-            if stacked:
-                picked = names[index[0]]
-                return np.stack([src.array(n)[index[1:]].astype(tdt, copy=False) for n in picked])
-            return src.array(names[0])[index].astype(tdt, copy=False)
+        def read(index, names=names, stacked=stacked, tdt=tdt, shape=tuple(a.shape)):
+            picked, rest = (names[index[0]], index[1:]) if stacked else (names, index)
+            part = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+            out = np.empty(part, tdt)
+            for j, n in enumerate(picked):
+                dst = out[j] if stacked else out
+                if hasattr(src, "read_into") and np.dtype(src.dtype(n)) == tdt:
+                    src.read_into(n, rest, dst)  # straight from the file into the shard buffer
+                else:
+                    dst[...] = src.array(n)[rest]
+            return out
 
         arr = jax.make_array_from_callback(tuple(a.shape), sharding, read)
         node = out

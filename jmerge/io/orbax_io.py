@@ -23,6 +23,11 @@ try:  # the v1 API moved out of `experimental` in newer orbax releases
 except ImportError:
     import orbax.checkpoint.experimental.v1 as ocp
 
+# orbax 0.12.8 renamed save_pytree/load_pytree/pytree_metadata to save/load/metadata.
+_save = getattr(ocp, "save", None) or ocp.save_pytree
+_load = getattr(ocp, "load", None) or ocp.load_pytree
+_metadata = getattr(ocp, "metadata", None) or ocp.pytree_metadata
+
 
 def is_orbax_dir(path: str | Path) -> bool:
     return (Path(path) / "params").is_dir() and ocp.is_orbax_checkpoint(Path(path) / "params")
@@ -31,7 +36,7 @@ def is_orbax_dir(path: str | Path) -> bool:
 def save_orbax(params, cfg: ModelConfig, out: str | Path, *, extra_from=None, force=False,
                tokenizer_writer=None) -> Path:
     with atomic_dir(out, force) as tmp:
-        ocp.save_pytree(tmp / "params", params)
+        _save(tmp / "params", params)
         if jax.process_index() == 0:
             leaf = jax.tree.leaves(params)[0]
             write_config(tmp, cfg, leaf.dtype)
@@ -48,8 +53,8 @@ def load_orbax(path: str | Path, mesh: Mesh | None = None, dtype=None) -> tuple[
         raise JmergeError(f"{path}: not a jmerge orbax directory (config.json + params/)")
     cfg = load_config(path)
     mesh = mesh or shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
-    meta = ocp.pytree_metadata(path / "params").metadata
+    meta = _metadata(path / "params").metadata
     shardings = shd.param_shardings(meta, mesh)
     target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s),
                           meta, shardings)
-    return cfg, ocp.load_pytree(path / "params", target)
+    return cfg, _load(path / "params", target)

@@ -76,6 +76,27 @@ class SafetensorsFile:
             self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._mm
 
+    def read_into(self, name: str, index: tuple, out: np.ndarray) -> None:
+        """Copy tensor[index] into `out`. A whole-row range is one `readinto` of its bytes
+        (page cache -> destination, one copy); other slices go through the memory map."""
+        dtype, shape, begin, end = self.entries[name]
+        rows = index[0] if index else slice(None)
+        whole_rows = all(s == slice(None) or s == slice(0, n, None) for s, n in zip(index[1:], shape[1:]))
+        if shape and whole_rows and isinstance(rows, slice) and rows.step in (None, 1) and out.flags.c_contiguous:
+            r0, r1, _ = rows.indices(shape[0])
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.data_start + begin + r0 * row)
+                view = memoryview(out.view(np.uint8).reshape(-1))
+                got = 0
+                while got < (r1 - r0) * row:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise JmergeError(f"{self.path}: file shrank while reading {name}")
+                    got += n
+            return
+        out[...] = self.array(name)[index]
+
     def array(self, name: str) -> np.ndarray:
         """A zero-copy view of one tensor; slicing it reads only the bytes asked for."""
         dtype, shape, begin, end = self.entries[name]
@@ -135,6 +156,9 @@ class Checkpoint:
 
     def array(self, name: str) -> np.ndarray:
         return self.where[name].array(name)
+
+    def read_into(self, name: str, index: tuple, out: np.ndarray) -> None:
+        self.where[name].read_into(name, index, out)
 
     def nbytes(self) -> int:
         return sum(e[3] - e[2] for sf in self.files for e in sf.entries.values())

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up a virtualenv, install jmerge with its test extras, fetch the embedded default model
+# (real weights for the `slow` tests), and run the test suite. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import jmerge, jax, flax, torch, transformers" # the install really worked
+.venv/bin/python -m jmerge default-model
+exec .venv/bin/python -m pytest -q "$@"
