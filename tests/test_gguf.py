@@ -411,3 +411,42 @@ def test_smollm2_matches_transformers_gguf_loader(tmp_path):
         assert mine(a)["input_ids"] == theirs(b)["input_ids"]
     for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
         assert getattr(mine, attr) == getattr(theirs, attr), attr
+
+
+# --- `jmerge convert` on GGUF: to HF (transformers loads it, same logits) and to orbax ------------
+
+
+def test_convert_gguf_to_hf_and_orbax(tmp_path, weights, capsys):
+    import jax
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jmerge.cli import main
+    from jmerge.io import load_model
+    from jmerge.models import llama
+
+    src = write_tiny(tmp_path / "m.gguf", weights, T.Q8_0)
+    assert main(["convert", str(src), str(tmp_path / "hf"), "-q"]) == 0
+    assert "converted" in capsys.readouterr().out
+    assert main(["convert", str(src), str(tmp_path / "ob"), "--to", "orbax", "-q"]) == 0
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = tok.apply_chat_template([{"role": "user", "content": "abc"}], tokenize=False, add_generation_prompt=True)
+    ids = np.array([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits.numpy()
+    for d in ("hf", "ob"):
+        m = load_model(tmp_path / d)
+        got = np.asarray(jax.jit(lambda p, i: llama.forward(p, m.cfg, i))(m.params, ids))
+        # Unit-variance random weights give logits of size ~20: compare relative to that scale.
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), err_msg=d)
+
+
+def test_convert_unsupported_quant_type_exits_2(tmp_path, weights, capsys):
+    from jmerge.cli import main
+    block, nbytes = gguf.GGML_QUANT_SIZES[T.Q8_1]
+    raw = np.zeros((1, HEADS * HEAD_DIM // block * nbytes), dtype=np.uint8)
+    path = write_tiny(tmp_path / "q.gguf", weights, extra_tensors=[("blk.0.attn_q.bias", raw, T.Q8_1)])
+    assert main(["convert", str(path), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Q8_1" in err and not (tmp_path / "out").exists()

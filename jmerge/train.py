@@ -1,0 +1,241 @@
+"""Supervised fine-tuning in JAX: full or LoRA, response-only loss, gradient accumulation,
+deterministic under a seed, resumable from orbax checkpoints.
+
+Trainable weights and optimizer state are float32 (the master copy); the forward runs in
+`compute_dtype`, so bf16 compute with f32 optimizer state is one option. LoRA merges its deltas
+into each layer's weights inside the layer scan (the model's `layer_fn` hook), so the merged model
+is never materialised whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jmerge import data
+from jmerge.config import ModelConfig
+from jmerge.errors import JmergeError
+from jmerge.objectives import response_ce
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    max_len: int = 256
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    compute_dtype: str = "float32"
+    seed: int = 0
+    checkpoint_every: int = 50
+    clip_norm: float = 1.0
+
+    def validate(self):
+        if self.lora_rank < 0:
+            raise JmergeError(f"LoRA rank must be positive (got {self.lora_rank}; 0 means full fine-tuning)")
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise JmergeError("steps, batch_size and grad_accum must be positive")
+
+
+# ------------------------------------------------------------------------------------ LoRA
+
+def _target_paths(layers: dict, targets) -> list[tuple[str, str]]:
+    return [(block, mod) for block in ("self_attn", "mlp") for mod in layers.get(block, {})
+            if mod in targets and "weight" in layers[block][mod]]
+
+
+def init_lora(params, rank: int, targets, seed: int) -> dict:
+    """A: small random [L, r, in], B: zeros [L, out, r] (so training starts at the base model)."""
+    layers = params["model"]["layers"]
+    out: dict = {}
+    key = jax.random.PRNGKey(seed)
+    for i, (block, mod) in enumerate(_target_paths(layers, targets)):
+        L, o, n = layers[block][mod]["weight"].shape
+        a = jax.random.normal(jax.random.fold_in(key, i), (L, rank, n), jnp.float32) / np.sqrt(n)
+        out.setdefault(block, {})[mod] = {"A": a, "B": jnp.zeros((L, o, rank), jnp.float32)}
+    return out
+
+
+def lora_layer_fn(scale: float, dtype):
+    """Maps one layer's (base weights, LoRA factors) to that layer's merged weights."""
+    def fn(xs):
+        base, lora = xs
+        merged = jax.tree.map(lambda x: x.astype(dtype), base)
+        for block, mods in lora.items():
+            for mod, f in mods.items():
+                w = merged[block][mod]["weight"]
+                merged[block][mod] = dict(merged[block][mod], weight=(w + scale * (f["B"] @ f["A"]).astype(dtype)))
+        return merged
+    return fn
+
+
+def merge_lora(params, lora, scale: float):
+    """The dense fine-tuned params: W + scale·B@A per target (in the base's dtype)."""
+    out = jax.tree.map(lambda x: x, params)
+    layers = out["model"]["layers"]
+    for block, mods in lora.items():
+        for mod, f in mods.items():
+            w = layers[block][mod]["weight"]
+            delta = jnp.einsum("lor,lri->loi", f["B"], f["A"]) * scale
+            layers[block][mod] = dict(layers[block][mod], weight=(w.astype(jnp.float32) + delta).astype(w.dtype))
+    return out
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+@dataclasses.dataclass(frozen=True)
+class OptSpec:
+    lr: float
+    warmup: int
+    steps: int
+    weight_decay: float
+    clip_norm: float
+
+
+def optimizer(spec: OptSpec) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, spec.lr, max(spec.warmup, 1), max(spec.steps, spec.warmup + 1))
+    return optax.chain(optax.clip_by_global_norm(spec.clip_norm), optax.adamw(schedule, weight_decay=spec.weight_decay))
+
+
+# Module-level jitted steps keyed by hashable settings: trainers with equal settings share one
+# compiled program (a new Trainer does not recompile).
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_scale", "dtype"))
+def _loss_and_grad(trainable, frozen, batch, *, cfg, lora_scale, dtype):
+    def loss(trainable):
+        if lora_scale is not None:
+            kw = dict(layer_xs=(frozen["model"]["layers"], trainable), layer_fn=lora_layer_fn(lora_scale, dtype))
+            return response_ce(frozen, cfg, batch, remat=True, **kw)
+        params = jax.tree.map(lambda x: x.astype(dtype), trainable)
+        return response_ce(params, cfg, batch, remat=True)
+    return jax.value_and_grad(loss, has_aux=True)(trainable)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=(0, 1))
+def _apply_update(trainable, opt_state, grads, n, *, spec: OptSpec):
+    grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1), grads)
+    updates, opt_state = optimizer(spec).update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state
+
+
+def _fingerprint(cfg: ModelConfig, sft: SFTConfig, n_examples: int) -> str:
+    blob = json.dumps([cfg.hf_config, dataclasses.asdict(sft), n_examples], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Trainer:
+    def __init__(self, cfg: ModelConfig, params, sft: SFTConfig):
+        sft.validate()
+        self.cfg, self.sft = cfg, sft
+        self.dtype = jnp.dtype(sft.compute_dtype)
+        self.frozen = jax.tree.map(lambda x: x.astype(self.dtype), params)
+        if sft.lora_rank:
+            self.trainable = init_lora(params, sft.lora_rank, sft.lora_targets, sft.seed)
+            if not self.trainable:
+                raise JmergeError(f"no LoRA targets among {sft.lora_targets}")
+            self.scale = sft.lora_alpha / sft.lora_rank
+        else:
+            # A real copy: the update step donates these buffers, the caller's params must survive.
+            self.trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params)
+        self.opt_spec = OptSpec(sft.lr, sft.warmup, sft.steps, sft.weight_decay, sft.clip_norm)
+        self.opt_state = optimizer(self.opt_spec).init(self.trainable)
+        self.step = 0
+        lora_scale = self.scale if sft.lora_rank else None
+        self._grad = functools.partial(_loss_and_grad, cfg=cfg, lora_scale=lora_scale, dtype=self.dtype.name)
+        self._apply = functools.partial(_apply_update, spec=self.opt_spec)
+
+    def batches(self, examples, pad_id: int):
+        """Endless deterministic stream: epoch e shuffled by (seed, e)."""
+        epoch = 0
+        while True:
+            yield from data.batches(examples, self.sft.batch_size, self.sft.seed, epoch, pad_id)
+            epoch += 1
+
+    def fit(self, examples: list[data.Example], pad_id: int = 0, ckpt_dir: str | Path | None = None,
+            progress: bool = True, log: list | None = None):
+        """Train to `sft.steps`, resuming from `ckpt_dir` if it holds a checkpoint of this run."""
+        from tqdm.auto import tqdm
+        sft = self.sft
+        fp = _fingerprint(self.cfg, sft, len(examples))
+        if ckpt_dir is not None:
+            self._maybe_resume(Path(ckpt_dir), fp)
+        stream = self.batches(examples, pad_id)
+        for _ in range(self.step * sft.grad_accum):  # replay the data order up to the resume point
+            next(stream)
+        bar = tqdm(total=sft.steps, initial=self.step, desc="sft", disable=not progress)
+        while self.step < sft.steps:
+            t0, grads, loss_sum, n_tok = time.perf_counter(), None, 0.0, 0
+            for _ in range(sft.grad_accum):
+                batch = next(stream)
+                (loss, n), g = self._grad(self.trainable, self.frozen, batch)
+                grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+                loss_sum, n_tok = loss_sum + loss, n_tok + n
+            loss_val = float(loss_sum) / max(int(n_tok), 1)
+            if not np.isfinite(loss_val):
+                raise JmergeError(f"loss became {loss_val} at step {self.step}; the last good checkpoint is kept"
+                                  + (f" in {ckpt_dir}" if ckpt_dir else ""))
+            self.trainable, self.opt_state = self._apply(self.trainable, self.opt_state, grads, n_tok)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            if log is not None:
+                log.append({"step": self.step, "loss": loss_val, "tokens": int(n_tok), "seconds": dt})
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{int(n_tok) / dt:.0f}")
+            bar.update(1)
+            if ckpt_dir is not None and (self.step % sft.checkpoint_every == 0 or self.step == sft.steps):
+                self._save(Path(ckpt_dir), fp)
+        bar.close()
+        return self
+
+    def params(self):
+        """The fine-tuned params in the dtype the base was given in."""
+        if self.sft.lora_rank:
+            return merge_lora(self.frozen, self.trainable, self.scale)
+        return jax.tree.map(lambda t, f: t.astype(f.dtype), self.trainable, self.frozen)
+
+    # -------------------------------------------------------------------- checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {"trainable": self.trainable, "opt_state": self.opt_state}
+
+    def _save(self, root: Path, fp: str) -> None:
+        from jmerge.io.orbax_io import _save
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step_{self.step:08d}"
+        tmp = root / f".step_{self.step:08d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _save(tmp, self._state())
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (root / "meta.json.tmp").write_text(json.dumps({"fingerprint": fp, "step": self.step}))
+        (root / "meta.json.tmp").replace(root / "meta.json")
+        for old in sorted(root.glob("step_*"))[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _maybe_resume(self, root: Path, fp: str) -> None:
+        meta = root / "meta.json"
+        if not meta.exists():
+            return
+        m = json.loads(meta.read_text())
+        if m.get("fingerprint") != fp:
+            raise JmergeError(f"{root}: checkpoint is from another model or training config "
+                              "(remove it or choose another output directory)")
+        from jmerge.io.orbax_io import _load
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state())
+        state = _load(root / f"step_{m['step']:08d}", target)
+        self.trainable, self.opt_state, self.step = state["trainable"], state["opt_state"], int(m["step"])

@@ -1,0 +1,469 @@
+"""Sparsifying / task-arithmetic merge methods against hand-derived values and numpy oracles.
+
+The oracles are direct transcriptions of the published formulas (mergekit's GTA pipeline,
+sort-based top-k). Random methods draw their masks with the documented key contract: model i
+uses jax.random.bernoulli(fold_in(key, i), p, shape); everything after the draw is numpy.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmerge.errors import JmergeError
+from jmerge.merge import METHODS, get
+from jmerge.merge import _sparsify as sp
+
+RNG = np.random.default_rng(0)
+SHAPE = (4, 5)
+KEY = jax.random.key(42)
+
+
+# ---- numpy oracles --------------------------------------------------------------------------
+
+def np_k(density, n):
+    return int(min(max(np.floor(density * n + 0.5), 0), n))
+
+
+def np_topk_mask(x, k):
+    order = np.argsort(-np.abs(x).ravel(), kind="stable")  # |x| descending, then index
+    mask = np.zeros(x.size, bool)
+    mask[order[:k]] = True
+    return mask.reshape(x.shape)
+
+
+def np_rescale(tv, mask, rescale):
+    out = tv * mask
+    before, after = np.abs(tv).sum(), np.abs(out).sum()
+    if rescale and before >= 1e-7 and after >= 1e-7:
+        out = out * (before / after)
+    return out
+
+
+def np_magnitude(tv, density, rescale=False):
+    if density >= 1:
+        return tv
+    return np_rescale(tv, np_topk_mask(tv, np_k(density, tv.size)), rescale)
+
+
+def np_outliers(tv, density, gamma, rescale=False):
+    if density >= 1:
+        return tv
+    n = tv.size
+    n_keep = np_k(density, n)
+    n_top = min(np_k(gamma, n), n - n_keep)
+    order = np.argsort(-np.abs(tv).ravel(), kind="stable")
+    mask = np.zeros(n, bool)
+    mask[order[n_top:n_top + n_keep]] = True
+    return np_rescale(tv, mask.reshape(tv.shape), rescale)
+
+
+def np_della_prob(tv, density, eps):
+    rows = np.abs(tv).reshape(-1, tv.shape[-1])
+    rank = np.argsort(np.argsort(rows, axis=-1, kind="stable"), axis=-1, kind="stable")
+    return (density - eps + rank / (rows.shape[-1] - 1) * 2 * eps).reshape(tv.shape)
+
+
+def np_combine(tvs, weights, consensus, normalize, lam=1.0):
+    w = np.asarray(weights, np.float64).reshape(-1, *([1] * tvs[0].ndim))
+    d = np.stack(tvs).astype(np.float64)
+    wd = d * w
+    if consensus:
+        majority = np.where(wd.sum(0) >= 0, 1.0, -1.0)
+        m = np.sign(wd) == majority
+        mixed = (wd * m).sum(0)
+        div = (w * m).sum(0)
+        div[div == 0] = 1
+    else:
+        mixed = wd.sum(0)
+        div = np.broadcast_to(w.sum(0), mixed.shape).copy()
+        div[np.abs(div) < 1e-8] = 1
+    if normalize:
+        mixed = mixed / div
+    return mixed * lam
+
+
+def jax_mask(key, i, p, shape):
+    return np.asarray(jax.random.bernoulli(jax.random.fold_in(key, i), jnp.asarray(p, jnp.float32),
+                                           shape))
+
+
+def rand(*shape, scale=1.0):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def tvs_of(base, models):
+    return [np.asarray(m, np.float64) - np.asarray(base, np.float64) for m in models]
+
+
+def close(a, b, tol=1e-5):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol,
+                               atol=tol)
+
+
+# ---- shared jitted callables (one compile per method and shape) ---------------------------
+
+@functools.lru_cache(maxsize=None)
+def jitted(name):
+    fn = METHODS[name].fn
+    return jax.jit(lambda base, models, key, params: fn(base, models, key=key, **params))
+
+
+def call(name, base, models, key=None, **params):
+    """Call through jit with every parameter traced (lists become one traced scalar per model).
+
+    Unset parameters are filled from the registry so each method compiles once per shape."""
+    m = get(name)
+    filled = {k: [v] * len(models) for k, v in m.model_params.items() if v is not None}
+    params = {**filled, **m.global_params, **params}
+    traced = {k: ([jnp.asarray(x) for x in v] if isinstance(v, (list, tuple)) else jnp.asarray(v))
+              for k, v in params.items()}
+    return jitted(name)(jnp.asarray(base), [jnp.asarray(m) for m in models], key, traced)
+
+
+@functools.lru_cache(maxsize=None)
+def _kth_jit():
+    return jax.jit(sp.kth_largest_abs)
+
+
+@functools.lru_cache(maxsize=None)
+def _topk_jit():
+    return jax.jit(sp.topk_mask_k)
+
+
+# ---- exact k-th magnitude and top-k -------------------------------------------------------
+
+def _check_kth(x):
+    mags = np.sort(np.abs(x.astype(np.float32)).ravel())[::-1]
+    for k in range(1, x.size + 1):
+        got = np.asarray(_kth_jit()(jnp.asarray(x), jnp.int32(k)))
+        assert got == mags[k - 1], (k, got, mags[k - 1])
+        mask = np.asarray(_topk_jit()(jnp.asarray(x), jnp.int32(k)))
+        assert mask.sum() == k
+        np.testing.assert_array_equal(mask, np_topk_mask(x, k))
+
+
+def test_kth_exact_random_with_ties_and_signed_zeros():
+    x = rand(20)
+    x[[3, 7, 11]] = 0.75          # a three-way tie
+    x[5] = -0.75                  # tie across signs
+    x[[0, 9]] = [0.0, -0.0]       # signed zeros are equal magnitudes
+    x[13] = 1e-42                 # subnormal stays above zero
+    _check_kth(x)
+
+
+def test_kth_all_equal_and_extremes():
+    _check_kth(np.full(20, -2.5, np.float32))
+    x = np.zeros(20, np.float32)
+    x[4], x[8], x[15] = np.inf, -np.finfo(np.float32).max, np.finfo(np.float32).tiny
+    _check_kth(x)
+    z = np.array([-0.0] * 10 + [0.0] * 10, np.float32)
+    _check_kth(z)
+    assert np.asarray(_kth_jit()(jnp.asarray(z), jnp.int32(1))) == 0.0
+
+
+def test_kth_clips_k_and_bf16_input():
+    x = rand(20)
+    assert float(sp.kth_largest_abs(x, 0)) == np.abs(x).max()
+    assert float(sp.kth_largest_abs(x, 99)) == np.abs(x).min()
+    xb = jnp.asarray(x, jnp.bfloat16)
+    ref = np.sort(np.abs(np.asarray(xb, np.float32)))[::-1]
+    assert float(sp.kth_largest_abs(xb, 5)) == ref[4]
+
+
+def test_topk_mask_density_rounding_full_and_tiny():
+    x = rand(*SHAPE)
+    for density, k in [(1.0, 20), (0.5, 10), (0.33, 7), (0.02, 0), (0.03, 1), (0.0, 0)]:
+        mask = np.asarray(sp.topk_mask(jnp.asarray(x), density))
+        assert mask.sum() == k, density
+        np.testing.assert_array_equal(mask, np_topk_mask(x, k))
+    tie = np.array([1.0, -1.0, 1.0, 0.5, -1.0], np.float32)
+    np.testing.assert_array_equal(np.asarray(sp.topk_mask_k(tie, 2)),
+                                  [True, True, False, False, False])
+
+
+def test_global_threshold_across_arrays():
+    xs = [rand(3, 4), rand(7), rand(2, 2, 2)]
+    xs[1][2] = xs[0][1, 1]  # a tie across arrays
+    allmag = np.sort(np.abs(np.concatenate([x.ravel() for x in xs])))[::-1]
+    n = allmag.size
+    for k in [1, 2, 5, 13, 26, n]:
+        assert float(sp.global_kth_largest_abs(xs, k)) == allmag[k - 1]
+        assert float(sp.global_kth_largest_abs(xs, jnp.int32(k))) == allmag[k - 1]
+    traced = jax.jit(lambda d: sp.global_topk_threshold(xs, d))
+    for density in [0.1, 0.5, 1.0]:
+        k = max(np_k(density, n), 1)
+        thr = float(sp.global_topk_threshold(xs, density))
+        assert thr == allmag[k - 1]
+        assert sum(int((np.abs(x) >= thr).sum()) for x in xs) == k  # no ties at these k
+        assert float(traced(jnp.float32(density))) == allmag[k - 1]
+
+
+def test_global_count_pair_handles_counts_beyond_int32():
+    # totals far above 2**31 as hi * 2**16 + lo, with lo not yet carried (as after summing leaves)
+    for total, k in [(3 * 2**31 + 5, 3 * 2**31 + 5), (3 * 2**31 + 4, 3 * 2**31 + 5),
+                     (2**33, 2**32 + 70000), (70000, 65537), (65536, 65537)]:
+        hi, lo = (total >> 16) - 1, (total & 0xFFFF) + 0x10000
+        got = sp._pair_ge(jnp.int32(hi), jnp.int32(lo), jnp.int32(k >> 16), jnp.int32(k & 0xFFFF))
+        assert bool(got) == (total >= k), (total, k)
+
+
+# ---- sparsifiers on their own ---------------------------------------------------------------
+
+def test_breadcrumbs_sparsifier():
+    tv = np.array([5.0, -4.0, 3.0, -2.0, 1.0, 0.5, -0.25, 0.1, 0.05, 0.0], np.float32)
+    # gamma 0.2 drops the two largest, density 0.4 keeps the next four
+    got = np.asarray(sp.magnitude_outliers(tv, 0.4, 0.2))
+    close(got, [0, 0, 3.0, -2.0, 1.0, 0.5, 0, 0, 0, 0])
+    # gamma + density > 1: fewer outliers dropped so 9 entries stay
+    got = np.asarray(sp.magnitude_outliers(tv, 0.9, 0.5))
+    close(got, [0, -4.0, 3.0, -2.0, 1.0, 0.5, -0.25, 0.1, 0.05, 0.0])
+    close(sp.magnitude_outliers(tv, 1.0, 0.2), tv)
+    x = rand(*SHAPE)
+    close(sp.magnitude_outliers(x, 0.3, 0.1, True), np_outliers(x, 0.3, 0.1, True))
+
+
+def test_della_keep_probabilities_by_hand():
+    tv = np.array([[0.1, -0.5, 0.3], [2.0, 2.0, -1.0]], np.float32)
+    p = np.asarray(sp.della_keep_prob(tv, 0.5, 0.1))
+    # row 0 ranks (ascending |x|): 0, 2, 1; row 1: tie 2.0/2.0 by index -> ranks 1, 2, 0
+    close(p, [[0.4, 0.6, 0.5], [0.5, 0.6, 0.4]])
+
+
+def test_rescale_matches_l1_norm():
+    tv = np.array([1.0, -2.0, 3.0, -4.0], np.float32)
+    keep = np.array([True, False, True, False])
+    close(sp.rescale_masked(tv, keep, True), [2.5, 0, 7.5, 0])   # 10 / 4
+    close(sp.rescale_masked(tv, keep, False), [1.0, 0, 3.0, 0])
+    close(sp.rescale_masked(tv, np.zeros(4, bool), True), [0, 0, 0, 0])
+
+
+def test_dare_statistics_and_determinism():
+    tv = jnp.asarray(rand(100, 100)) + 3.0  # all entries nonzero
+    k1, k2 = jax.random.split(KEY)
+    for density in (0.1, 0.5, 0.9):
+        out = np.asarray(sp.bernoulli(tv, density, k1, rescale=False))
+        frac = np.count_nonzero(out) / out.size
+        assert abs(frac - density) < 4 * np.sqrt(density * (1 - density) / out.size), frac
+    a = np.asarray(sp.bernoulli(tv, 0.3, k1, rescale=True))
+    np.testing.assert_array_equal(a, np.asarray(sp.bernoulli(tv, 0.3, k1, rescale=True)))
+    assert not np.array_equal(a != 0, np.asarray(sp.bernoulli(tv, 0.3, k2)) != 0)
+    close(np.abs(a).sum(), np.abs(np.asarray(tv)).sum(), tol=1e-4)  # L1 restored
+    np.testing.assert_array_equal(np.asarray(sp.bernoulli(tv, 1.0, k1)), np.asarray(tv))
+
+
+# ---- methods: hand-derived goldens ---------------------------------------------------------
+
+def test_task_arithmetic_by_hand():
+    base = np.array([1.0, 2.0, 3.0], np.float32)
+    m1, m2 = np.array([2.0, 2.0, 2.0], np.float32), np.array([0.0, 4.0, 3.0], np.float32)
+    # sum w tau = 0.5*[1,0,-1] + 1*[-1,2,0] = [-0.5, 2, -0.5]
+    close(call("task_arithmetic", base, [m1, m2], weight=[0.5, 1.0], **{"lambda": 2.0}),
+          [0.0, 6.0, 2.0])
+    close(call("task_arithmetic", base, [m1, m2], weight=[0.5, 1.0], normalize=True),
+          base + np.array([-0.5, 2, -0.5]) / 1.5)
+
+
+def test_ties_by_hand():
+    base = np.zeros(6, np.float32)
+    m1 = np.array([3, -1, 2, 0.5, -4, 1], np.float32)
+    m2 = np.array([-2, 2, 1, -0.5, -1, -3], np.float32)
+    # density 0.5 keeps 3 each: [3,0,2,0,-4,0] and [-2,2,0,0,0,-3]; w2 = 3 wins entry 0
+    close(call("ties", base, [m1, m2], weight=[1.0, 3.0], density=[0.5, 0.5]),
+          [-2, 2, 2, 0, -4, -3])
+    close(call("ties", base, [m1, m2], weight=[1.0, 1.0], density=[0.5, 0.5]),
+          [3, 2, 2, 0, -4, -3])
+    # without normalization the agreeing weighted entries are summed: entry 0 is 3 * -2
+    close(call("ties", base, [m1, m2], weight=[1.0, 3.0], density=[0.5, 0.5], normalize=False),
+          [-6, 6, 2, 0, -4, -9])
+
+
+def test_ram_by_hand():
+    base = np.zeros(5, np.float32)
+    m1 = np.array([1.0, 2.0, 0.0, 1e-6, -3.0], np.float32)
+    m2 = np.array([3.0, 0.0, 0.0, 0.0, 1.0], np.float32)
+    # entry 0 shared -> mean 2; entry 1 unique -> 2; entry 3 below epsilon -> 0; entry 4 -> -1
+    close(call("ram", base, [m1, m2], epsilon=1e-5), [2.0, 2.0, 0.0, 0.0, -1.0])
+    # model 1: 2 shared, 1 unique -> rho 2 -> clip 0.2 -> 1.02; model 2: 2 shared, 0 unique
+    close(call("ramplus_tl", base, [m1, m2], r=0.1, alpha=0.2, epsilon=1e-5),
+          [2.0, 2.04, 0.0, 0.0, -1.0])
+    close(call("ramplus_tl", base, [m1, m2], r=0.5, alpha=5.0, epsilon=1e-5),
+          [2.0, 4.0, 0.0, 0.0, -1.0])
+
+
+def test_sce_by_hand():
+    base = np.zeros(4, np.float32)
+    m1 = np.array([2.0, 0.0, 1.0, -1.0], np.float32)
+    m2 = np.array([-2.0, 0.0, 3.0, 2.0], np.float32)
+    # c ~ mean(tau^2) = 1.5, 4.25. Entry 0: sum 0 elects +, only model 1 agrees; entry 2: both
+    # agree -> (1 * 1.5 + 3 * 4.25) / 5.75; entry 3: sum 1 elects +, only model 2 agrees
+    close(call("sce", base, [m1, m2], select_topk=1.0), [2.0, 0.0, 14.25 / 5.75, 2.0])
+    # variances 4, 0, 1, 2.25: 3 nonzero, select 0.5 keeps round(1.5) = 2 -> entries 0 and 3
+    close(call("sce", base, [m1, m2], select_topk=0.5), [2.0, 0.0, 0.0, 2.0])
+
+
+# ---- methods: numpy-oracle goldens on random 4x5 tensors -----------------------------------
+
+def _inputs(n_models=3):
+    base = rand(*SHAPE)
+    return base, [base + rand(*SHAPE, scale=0.5) for _ in range(n_models)]
+
+
+W3 = [0.7, 1.2, -0.4]
+D3 = [0.5, 0.3, 0.8]
+
+
+@pytest.mark.parametrize("normalize,lam,rescale", [(True, 1.0, False), (False, 0.8, True)])
+def test_ties_oracle(normalize, lam, rescale):
+    base, models = _inputs()
+    tvs = [np_magnitude(t, d, rescale) for t, d in zip(tvs_of(base, models), D3)]
+    want = base + np_combine(tvs, W3, True, normalize, lam)
+    got = call("ties", base, models, weight=W3, density=D3, normalize=normalize,
+               rescale=rescale, **{"lambda": lam})
+    close(got, want)
+
+
+def test_task_arithmetic_oracle():
+    base, models = _inputs()
+    close(call("task_arithmetic", base, models, weight=W3, density=D3, **{"lambda": 0.5}),
+          base + np_combine(tvs_of(base, models), W3, False, False, 0.5))
+
+
+@pytest.mark.parametrize("name,consensus", [("breadcrumbs", False), ("breadcrumbs_ties", True)])
+def test_breadcrumbs_oracle(name, consensus):
+    base, models = _inputs()
+    gammas = [0.1, 0.05, 0.2]
+    tvs = [np_outliers(t, d, g) for t, d, g in zip(tvs_of(base, models), D3, gammas)]
+    close(call(name, base, models, weight=W3, density=D3, gamma=gammas),
+          base + np_combine(tvs, W3, consensus, False))
+
+
+@pytest.mark.parametrize("name,consensus", [("dare_ties", True), ("dare_linear", False)])
+def test_dare_oracle(name, consensus):
+    base, models = _inputs()
+    tvs = [np_rescale(t, jax_mask(KEY, i, d, SHAPE), True)
+           for i, (t, d) in enumerate(zip(tvs_of(base, models), D3))]
+    close(call(name, base, models, KEY, weight=W3, density=D3),
+          base + np_combine(tvs, W3, consensus, False))
+    # normalize on, rescale off
+    tvs = [t * jax_mask(KEY, i, d, SHAPE) for i, (t, d) in enumerate(zip(tvs_of(base, models), D3))]
+    close(call(name, base, models, KEY, weight=W3, density=D3, normalize=True, rescale=False),
+          base + np_combine(tvs, W3, consensus, True))
+
+
+@pytest.mark.parametrize("name,consensus,normalize", [("della", True, True),
+                                                      ("della_linear", False, False)])
+def test_della_oracle(name, consensus, normalize):
+    base, models = _inputs()
+    eps = [0.15, 0.1, 0.15]
+    tvs = []
+    for i, (t, d, e) in enumerate(zip(tvs_of(base, models), D3, eps)):
+        tvs.append(np_rescale(t, jax_mask(KEY, i, np_della_prob(t, d, e), SHAPE), True))
+    close(call(name, base, models, KEY, weight=W3, density=D3, epsilon=eps),
+          base + np_combine(tvs, W3, consensus, normalize))
+
+
+def test_sce_oracle():
+    base, models = _inputs()
+    tv = np.stack(tvs_of(base, models))
+    for topk in (1.0, 0.4):
+        t = tv.copy()
+        if topk < 1:
+            var = t.var(0)
+            k = np_k(topk, int(np.count_nonzero(var)))
+            t = t * np_topk_mask(var, k)
+        c = (t ** 2).mean(axis=(1, 2))
+        c = c / c.sum() if abs(c.sum()) >= 1e-6 else np.full(3, 1 / 3)
+        m = np.sign(t) == np.where(t.sum(0) >= 0, 1, -1)
+        cw = c[:, None, None] * m
+        want = base + (t * cw).sum(0) / np.maximum(cw.sum(0), 1e-6)
+        close(call("sce", base, models, select_topk=topk), want)
+
+
+def test_ram_oracle():
+    base, models = _inputs()
+    models[0][0, :3] = base[0, :3]  # some inactive entries
+    models[1][1, :] = base[1, :]
+    tv = np.stack(tvs_of(base, models))
+    a = np.abs(tv) > 1e-5
+    cnt = a.sum(0)
+    uniq, shared = cnt == 1, cnt > 1
+    shared_part = (tv * a * shared).sum(0) / np.maximum(cnt, 1)
+    close(call("ram", base, models), base + (tv * a * uniq).sum(0) + shared_part)
+    r, alpha = 0.3, 0.5
+    lam = 1 + r * np.clip((a & shared).sum((1, 2)) / np.maximum((a & uniq).sum((1, 2)), 1e-5),
+                          0, alpha)
+    want = base + (tv * a * uniq * lam[:, None, None]).sum(0) + shared_part
+    close(call("ramplus_tl", base, models, r=r, alpha=alpha, epsilon=1e-5), want)
+
+
+# ---- contracts: jit, vmap, dtype, errors ---------------------------------------------------
+
+def _defaults(name, n):
+    m = get(name)
+    params = {k: [0.6] * n if k == "weight" else [v] * n for k, v in m.model_params.items()}
+    params.update(m.global_params)
+    if "density" in params:
+        params["density"] = [0.5] * n
+    return params
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties", "dare_linear",
+                                  "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                                  "sce", "ram", "ramplus_tl"])
+def test_jit_with_traced_params_matches_eager(name):
+    base, models = _inputs(2)
+    key = KEY if get(name).random else None
+    params = _defaults(name, 2)
+    got = call(name, base, models, key, **params)
+    want = get(name).fn(jnp.asarray(base), [jnp.asarray(m) for m in models], key=key, **params)
+    assert got.dtype == jnp.float32
+    close(got, want)
+
+
+def _layered(n_layers=3):
+    base = rand(n_layers, *SHAPE)
+    return base, [base + rand(n_layers, *SHAPE, scale=0.5) for _ in range(2)]
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "della"])
+def test_vmap_over_layers_matches_per_layer(name):
+    fn = get(name).fn
+    base, models = _layered()
+    keys = jax.random.split(KEY, base.shape[0])
+    density = jnp.array([[0.5, 0.3], [0.2, 0.6], [0.4, 0.4]], jnp.float32)  # per layer, per model
+
+    def one(b, ms, k, d):
+        return fn(b, ms, key=k, weight=[1.0, 0.5], density=[d[0], d[1]])
+
+    batched = jax.jit(jax.vmap(one))(jnp.asarray(base), [jnp.asarray(m) for m in models], keys,
+                                     density)
+    one_jit = jax.jit(one)
+    for layer in range(base.shape[0]):
+        per = one_jit(jnp.asarray(base[layer]), [jnp.asarray(m[layer]) for m in models], keys[layer],
+                  density[layer])
+        close(batched[layer], per, tol=1e-6)
+
+
+def test_returns_base_dtype():
+    base, models = _inputs(2)
+    b16 = jnp.asarray(base, jnp.bfloat16)
+    out = get("ties").fn(b16, [jnp.asarray(m, jnp.bfloat16) for m in models], weight=[1, 1],
+                         density=[0.5, 0.5])
+    assert out.dtype == jnp.bfloat16
+
+
+def test_user_errors():
+    base, models = _inputs(2)
+    with pytest.raises(JmergeError, match="epsilon"):
+        get("della").fn(base, models, key=KEY, weight=[1, 1], density=[0.1, 0.5], epsilon=0.15)
+    with pytest.raises(JmergeError, match="weight"):
+        get("ties").fn(base, models, density=[0.5, 0.5])
+    with pytest.raises(JmergeError, match="key"):
+        get("dare_ties").fn(base, models, weight=[1, 1], density=[0.5, 0.5])
+    with pytest.raises(JmergeError, match="3 values for 2 models"):
+        get("ties").fn(base, models, weight=[1, 1, 1])
+    with pytest.raises(JmergeError, match="base"):
+        get("ram").fn(None, models)
