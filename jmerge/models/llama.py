@@ -84,11 +84,14 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
-        if kv_cache is not None:
-            ck, cv = kv_cache
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), start, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=1)
-            kv_cache = (k, v)
+        if kv_cache is not None:  # (stacked k cache, stacked v cache, this layer's index)
+            ck, cv, li = kv_cache
+            z = jnp.zeros((), jnp.int32)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (li, z, start, z, z))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (li, z, start, z, z))
+            k = jax.lax.dynamic_index_in_dim(ck, li, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False)
+            kv_cache = (ck, cv, li)
         s = k.shape[1]
         q_slot = start + jnp.arange(t)[:, None]
         k_slot = jnp.arange(s)[None, :]
@@ -186,17 +189,21 @@ class LlamaForCausalLM(nnx.Module):
         layer_def, layer_state = nnx.split(self.model.layers)
         if layer_fn is None:
             layer_xs, layer_fn = nnx.to_pure_dict(layer_state), lambda p: p
+        # The whole stacked cache rides in the scan carry and each layer updates its slice in
+        # place; scanning per-layer slices in and out would copy the cache on every step.
         kv = (cache["k"], cache["v"]) if cache is not None else None
 
-        def body(h, xs):
-            lx, window, kv_l = xs
+        def body(carry, xs):
+            h, kv = carry
+            lx, window, li = xs
             layer = nnx.merge(layer_def, layer_fn(lx))
+            kv_l = None if kv is None else (kv[0], kv[1], li)
             h, kv_l = layer(h, positions, inv_freq, window, kv_l, key_mask, start)
-            return h, kv_l
+            return (h, None if kv is None else kv_l[:2]), None
 
         if remat:
             body = jax.checkpoint(body)
-        x, kv = jax.lax.scan(body, x, (layer_xs, windows, kv))
+        (x, kv), _ = jax.lax.scan(body, (x, kv), (layer_xs, windows, jnp.arange(cfg.num_layers)))
         if last_only:
             x = x[:, -1]
         x = self.model.norm(x)

@@ -1,0 +1,451 @@
+"""Batched generation: one jitted prefill + `lax.while_loop` decode over a donated KV cache.
+
+Prompts are left-padded into batches whose length is rounded up to a bucket (powers of two from
+16 to 512, then multiples of 512), and every batch of a run has the same row count, so a run
+compiles one program per bucket. Params are jit *arguments*: a merged params pytree with the same
+shapes, dtypes and shardings reuses the compiled programs (the search relies on this).
+
+Sampling: greedy (temperature 0) or temperature with optional top-k then top-p (nucleus), in that
+order, as transformers applies them. Randomness comes only from `Sampling.seed`: batch i uses
+fold_in(seed, i) and step t folds in t, so a run is reproducible for given prompts and batch size.
+
+Stopping: a row stops inside the loop on any EOS id (the config's, generation_config.json's and
+the tokenizer's); the loop ends when every row has stopped or after `max_new_tokens`. Stop
+*strings* are checked on the host after decoding: the response is cut before the first stop
+string (the stop string itself is not included) and `tokens` is cut to the shortest prefix whose
+text contains it. The device loop therefore keeps going until EOS or the limit for such rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jmerge import sharding as shd
+from jmerge.config import ModelConfig
+from jmerge.errors import JmergeError
+from jmerge.models import llama
+
+# Bumped each time the generation program is traced (tests count recompilations with it).
+TRACE_COUNT = [0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise JmergeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise JmergeError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise JmergeError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass
+class Completion:
+    prompt: str | None
+    response: str | None
+    tokens: list[int]  # generated ids, without the EOS and without anything after a stop string
+    finish_reason: str  # "eos" | "stop" | "length"
+
+
+def bucket_length(n: int) -> int:
+    """Padded prompt length: a power of two in [16, 512], above that a multiple of 512."""
+    if n <= 512:
+        return max(16, 1 << max(0, n - 1).bit_length())
+    return -(-n // 512) * 512
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side
+
+
+def sample_logits(logits, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
+    """One token per row from float32 logits [B, V]: temperature, then top-k, then top-p."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if not top_k and not use_top_p:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    if top_k:
+        vals, idx = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))
+    else:
+        idx = jnp.argsort(-logits, axis=-1)
+        vals = jnp.take_along_axis(logits, idx, axis=-1)
+    if use_top_p:
+        # Keep the smallest prefix (by descending probability) whose mass reaches top_p: a token
+        # stays when the mass before it is still below top_p, so the first always stays.
+        probs = jax.nn.softmax(vals, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        vals = jnp.where(before < top_p, vals, -jnp.inf)
+    choice = jax.random.categorical(key, vals, axis=-1)
+    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _generate(params, ids, mask, cache, key, temperature, top_p, eos_ids, *, cfg: ModelConfig,
+              max_new: int, greedy: bool, top_k: int, use_top_p: bool):
+    """ids/mask: [B, T] left-padded; eos_ids: [E] (-1 entries unused). Returns (tokens
+    [B, max_new], -1 after a row stopped; the cache, for reuse)."""
+    TRACE_COUNT[0] += 1
+    b = ids.shape[0]
+    # A reused cache holds an earlier batch: clearing mask and index is enough, stale k/v slots
+    # are masked out until they are overwritten.
+    cache = dict(cache, mask=jnp.zeros_like(cache["mask"]), index=jnp.zeros((), jnp.int32))
+
+    def pick(logits, step):
+        return sample_logits(logits, jax.random.fold_in(key, step), temperature, top_p,
+                             greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+
+    logits, cache = llama.forward(params, cfg, ids, mask, cache=cache, last_only=True)
+    tok = pick(logits, 0)
+    out = jnp.full((b, max_new), -1, jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, eos_ids)
+
+    def cond(state):
+        step, _, _, _, done = state
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(state):
+        step, tok, cache, out, done = state
+        logits, cache = llama.forward(params, cfg, tok[:, None], jnp.ones((b, 1), jnp.int32),
+                                      cache=cache, last_only=True)
+        nxt = pick(logits, step)
+        out = jax.lax.dynamic_update_slice(out, jnp.where(done, -1, nxt)[:, None], (0, step))
+        return step + 1, nxt, cache, out, done | jnp.isin(nxt, eos_ids)
+
+    _, _, cache, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, out, done))
+    return out, cache
+
+
+_generate_jit = jax.jit(_generate, donate_argnames=("cache",),
+                        static_argnames=("cfg", "max_new", "greedy", "top_k", "use_top_p"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+
+class Generator:
+    """Generation for one model config on one mesh; keeps KV caches between batches and calls.
+
+    `set_params` swaps in another params pytree (e.g. a merge candidate) without recompiling.
+    """
+
+    def __init__(self, cfg: ModelConfig, params, *, mesh: Mesh | None = None, tokenizer=None,
+                 max_new_tokens: int = 256, sampling: Sampling = Sampling(), batch_size: int = 16,
+                 eos_ids: Sequence[int] | None = None, stop: Sequence[str] = (),
+                 chat_template: bool = True, system: str | None = None, progress: bool = False):
+        if max_new_tokens <= 0:
+            raise JmergeError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        if batch_size <= 0:
+            raise JmergeError(f"batch size must be > 0, got {batch_size}")
+        if any(not s for s in stop):
+            raise JmergeError("stop strings must not be empty")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.mesh = mesh or shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+        self.max_new_tokens, self.sampling, self.batch_size = max_new_tokens, sampling, batch_size
+        self.eos_ids = tuple(sorted(set(eos_ids if eos_ids is not None else default_eos_ids(cfg, tokenizer))))
+        self.stop, self.chat_template, self.system, self.progress = tuple(stop), chat_template, system, progress
+        self.pad_id = next((i for i in (cfg.pad_token_id, getattr(tokenizer, "pad_token_id", None),
+                                        0) if i is not None and 0 <= i < cfg.vocab_size), 0)
+        self._caches: dict[tuple, Any] = {}
+        self.set_params(params)
+
+    def set_params(self, params) -> None:
+        """Use another params pytree; it must match the first one's structure, shapes and dtypes."""
+        if hasattr(self, "params"):
+            old = jax.tree.map(lambda x: (x.shape, x.dtype), self.params)
+            new = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), params)
+            if jax.tree.structure(old) != jax.tree.structure(new) or jax.tree.leaves(old) != jax.tree.leaves(new):
+                raise JmergeError("new params do not match the generator's params (structure, shapes or dtypes)")
+        else:
+            self._param_shardings = shd.param_shardings(params, self.mesh)
+        # A no-op for arrays already on the canonical shardings; otherwise a reshard, which is
+        # what keeps the compiled program's input shardings (and so the compile cache) stable.
+        self.params = jax.device_put(params, self._param_shardings)
+        self.dtype = jax.tree.leaves(self.params)[0].dtype
+
+    # -- shardings and caches --
+
+    def _batch_axes_size(self) -> int:
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def _sharding(self, rows: int, ndim: int, batch_axis: int = 0) -> NamedSharding:
+        if rows % self._batch_axes_size():
+            return NamedSharding(self.mesh, P())
+        spec = [None] * ndim
+        spec[batch_axis] = ("data", "fsdp")
+        return NamedSharding(self.mesh, P(*spec))
+
+    def _take_cache(self, rows: int, length: int):
+        key = (rows, length)
+        cache = self._caches.pop(key, None)
+        if cache is None:
+            shardings = dict(k=self._sharding(rows, 5, 1), v=self._sharding(rows, 5, 1),
+                             mask=self._sharding(rows, 2), index=NamedSharding(self.mesh, P()))
+            make = functools.partial(llama.init_cache, self.cfg, rows, length, self.dtype)
+            cache = jax.jit(make, out_shardings=shardings)()
+            self._cache_shardings = getattr(self, "_cache_shardings", {})
+            self._cache_shardings[key] = shardings
+        return cache
+
+    def _return_cache(self, rows: int, length: int, cache) -> None:
+        # Pin the returned cache to the input shardings so the next call hits the compile cache.
+        self._caches[(rows, length)] = jax.device_put(cache, self._cache_shardings[(rows, length)])
+
+    # -- generation --
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]]) -> list[Completion]:
+        """Token-id prompts -> completions in the same order (`prompt`/`response` left None)."""
+        if not prompts:
+            raise JmergeError("no prompts to generate from")
+        if any(len(p) == 0 for p in prompts):
+            raise JmergeError("a prompt is empty after tokenization")
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        rows = min(self.batch_size, len(prompts))
+        batches = [order[i:i + rows] for i in range(0, len(order), rows)]
+        results: list[Completion | None] = [None] * len(prompts)
+        s = self.sampling
+        base_key = jax.random.key(s.seed)
+        # A traced argument padded to 8 slots, so other EOS ids reuse the compiled program.
+        eos = np.full(max(8, len(self.eos_ids)), -1, np.int32)
+        eos[: len(self.eos_ids)] = self.eos_ids
+        from tqdm.auto import tqdm
+        for bi, batch in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not self.progress,
+                                        leave=False)):
+            length = bucket_length(max(len(prompts[i]) for i in batch))
+            ids = np.full((rows, length), self.pad_id, np.int32)
+            mask = np.zeros((rows, length), np.int32)
+            for r in range(rows):
+                p = prompts[batch[min(r, len(batch) - 1)]]  # short last batch: repeat its last row
+                ids[r, length - len(p):] = p
+                mask[r, length - len(p):] = 1
+            sh = self._sharding(rows, 2)
+            cache_len = length + self.max_new_tokens
+            cache = self._take_cache(rows, cache_len)
+            out, cache = _generate_jit(
+                self.params, jax.device_put(ids, sh), jax.device_put(mask, sh), cache,
+                jax.random.fold_in(base_key, bi), jnp.float32(s.temperature or 1.0), jnp.float32(s.top_p),
+                eos, cfg=self.cfg, max_new=self.max_new_tokens, greedy=s.greedy,
+                top_k=s.top_k, use_top_p=s.top_p < 1.0)
+            self._return_cache(rows, cache_len, cache)
+            out = np.asarray(jax.device_get(out))
+            for r, i in enumerate(batch):
+                results[i] = self._finish(out[r])
+        return results
+
+    def _finish(self, row: np.ndarray) -> Completion:
+        toks = row[row >= 0].tolist()
+        if toks and toks[-1] in self.eos_ids:
+            return Completion(None, None, toks[:-1], "eos")
+        return Completion(None, None, toks, "length")
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return encode_prompts(self._need_tokenizer(), texts, self.chat_template, self.system)
+
+    def generate(self, texts: Sequence[str]) -> list[Completion]:
+        """Text prompts -> completions with decoded responses, stop strings applied."""
+        if not texts:
+            raise JmergeError("no prompts to generate from")
+        results = self.generate_ids(self.encode(texts))
+        for text, c in zip(texts, results):
+            c.prompt = text
+            c.response = self.decode(c.tokens)
+            if self.stop:
+                self._apply_stop(c)
+        return results
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self._need_tokenizer().decode(list(tokens), skip_special_tokens=True)
+
+    def _apply_stop(self, c: Completion) -> None:
+        hits = [(c.response.find(s), s) for s in self.stop if s in c.response]
+        if not hits:
+            return
+        at, s = min(hits)
+        c.response, c.finish_reason = c.response[:at], "stop"
+        for n in range(1, len(c.tokens) + 1):
+            if s in self.decode(c.tokens[:n]):
+                c.tokens = c.tokens[:n]
+                break
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise JmergeError("text prompts need a tokenizer; none was given")
+        return self.tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and EOS ids
+
+
+def default_eos_ids(cfg: ModelConfig, tokenizer=None, model_dir: str | Path | None = None) -> tuple[int, ...]:
+    """The config's EOS ids, generation_config.json's, and the tokenizer's EOS token."""
+    ids = set(cfg.eos_ids)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if model_dir is not None:
+        gc = Path(model_dir) / "generation_config.json"
+        if gc.is_file():
+            try:
+                eos = json.loads(gc.read_text()).get("eos_token_id")
+            except (OSError, json.JSONDecodeError):
+                eos = None
+            ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    return tuple(sorted(ids))
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], chat_template: bool = True,
+                   system: str | None = None) -> list[list[int]]:
+    """Prompt texts -> token ids, through the tokenizer's chat template unless it is turned off."""
+    if not chat_template:
+        return [list(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
+    require_chat_template(tokenizer)
+    out = []
+    for t in texts:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": t}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        # The template writes any BOS itself; the tokenizer must not add another.
+        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise JmergeError("the tokenizer has no chat template: pass one with --chat-template FILE "
+                          "(a Jinja file) or use --no-chat-template to feed prompts as raw text")
+
+
+def has_tokenizer_files(model: str | Path) -> bool:
+    path = Path(model)
+    return path.is_dir() and any((path / f).exists() for f in
+                                 ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def load_tokenizer(model: str | Path, write_tokenizer=None, chat_template_file: str | Path | None = None):
+    """The transformers tokenizer of a model directory (or of what `write_tokenizer` writes,
+    for sources such as GGUF files), with an optional chat template from a Jinja file."""
+    from transformers import AutoTokenizer
+    try:
+        if has_tokenizer_files(model):
+            tok = AutoTokenizer.from_pretrained(str(model))
+        elif write_tokenizer is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_tokenizer(Path(tmp))
+                if not any(Path(tmp).iterdir()):
+                    raise JmergeError(f"{model}: no tokenizer files found next to the weights")
+                tok = AutoTokenizer.from_pretrained(tmp)
+        else:
+            raise JmergeError(f"{model}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    except (OSError, ValueError) as e:
+        raise JmergeError(f"{model}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})") from None
+    if chat_template_file is not None:
+        f = Path(chat_template_file)
+        if not f.is_file():
+            raise JmergeError(f"--chat-template: no such file {f}")
+        tok.chat_template = f.read_text(encoding="utf-8")
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None) -> int:
+    from jmerge.cli import ArgumentParser, quiet_jax
+    quiet_jax()
+    p = ArgumentParser(prog="jmerge generate", description="Generate responses to a prompt set (JSONL out).")
+    p.add_argument("--model", required=True, help="model directory (HF, orbax), .gguf file, or BASE+ADAPTER")
+    p.add_argument("--prompts", required=True, help="prompt file (.txt/.csv/.json/.jsonl) or built-in source")
+    p.add_argument("--field", help="CSV column / JSON field holding the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--mesh", help="e.g. fsdp=4,tensor=2 (default: all devices on fsdp)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template to use instead of the tokenizer's")
+    p.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--out", help="output JSONL (default: stdout)")
+    a = p.parse_args(argv)
+
+    if a.max_new_tokens <= 0:
+        raise JmergeError(f"--max-new-tokens must be > 0, got {a.max_new_tokens}")
+    if a.batch_size <= 0:
+        raise JmergeError(f"--batch-size must be > 0, got {a.batch_size}")
+    if a.limit is not None and a.limit <= 0:
+        raise JmergeError(f"--limit must be > 0, got {a.limit}")
+    if a.chat_template and a.no_chat_template:
+        raise JmergeError("--chat-template and --no-chat-template exclude each other")
+    sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)
+
+    from jmerge.eval.prompts import load_prompts
+    from jmerge.io import load_model
+    prompts = load_prompts(a.prompts, field=a.field)[: a.limit]
+    mesh = shd.make_mesh(a.mesh)
+    base = _split_base(a.model)
+    # Tokenizer problems (a missing chat template) are reported before the weights are read,
+    # except for sources (GGUF) whose tokenizer comes out of the weights file.
+    tok = load_tokenizer(base, None, a.chat_template) if has_tokenizer_files(base) else None
+    if tok is not None and not a.no_chat_template:
+        require_chat_template(tok)
+    loaded = load_model(a.model, mesh=mesh, dtype=a.dtype, progress=True)
+    tok = tok or load_tokenizer(base, loaded.write_tokenizer, a.chat_template)
+    gen = Generator(loaded.cfg, loaded.params, mesh=mesh, tokenizer=tok, max_new_tokens=a.max_new_tokens,
+                    sampling=sampling, batch_size=a.batch_size,
+                    eos_ids=default_eos_ids(loaded.cfg, tok, _split_base(a.model)), stop=a.stop,
+                    chat_template=not a.no_chat_template, system=a.system, progress=True)
+    results = gen.generate([q.text for q in prompts])
+
+    out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout
+    try:
+        for q, c in zip(prompts, results):
+            rec = dict(id=q.id, prompt=c.prompt, response=c.response, tokens=c.tokens,
+                       finish_reason=c.finish_reason)
+            if q.category is not None:
+                rec["category"] = q.category
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    finally:
+        if a.out:
+            out.close()
+    if a.out:
+        n = sum(len(c.tokens) for c in results)
+        print(f"{len(results)} responses, {n} tokens -> {a.out}", file=sys.stderr)
+    return 0
+
+
+def _split_base(model: str) -> str:
+    """The directory whose tokenizer serves a model spec (the base of BASE+ADAPTER)."""
+    if "+" in model and not Path(model).exists():
+        return model.rsplit("+", 1)[0]
+    return model
+
+
+if __name__ == "__main__":
+    from jmerge.cli import run
+    sys.exit(run(main))
