@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
-import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +20,7 @@ import numpy as np
 import optax
 
 from jmerge import data
+from jmerge.checkpoint import RunCheckpoint, fingerprint
 from jmerge.config import ModelConfig
 from jmerge.errors import JmergeError
 from jmerge.objectives import response_ce
@@ -135,11 +132,6 @@ def _apply_update(trainable, opt_state, grads, n, *, spec: OptSpec):
     return optax.apply_updates(trainable, updates), opt_state
 
 
-def _fingerprint(cfg: ModelConfig, sft: SFTConfig, n_examples: int) -> str:
-    blob = json.dumps([cfg.hf_config, dataclasses.asdict(sft), n_examples], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 class Trainer:
     def __init__(self, cfg: ModelConfig, params, sft: SFTConfig):
         sft.validate()
@@ -173,9 +165,12 @@ class Trainer:
         """Train to `sft.steps`, resuming from `ckpt_dir` if it holds a checkpoint of this run."""
         from tqdm.auto import tqdm
         sft = self.sft
-        fp = _fingerprint(self.cfg, sft, len(examples))
+        ckpt = None
         if ckpt_dir is not None:
-            self._maybe_resume(Path(ckpt_dir), fp)
+            ckpt = RunCheckpoint(ckpt_dir, fingerprint(self.cfg.hf_config, dataclasses.asdict(sft), len(examples)))
+            if (found := ckpt.restore(self._state())) is not None:
+                self.step, state = found
+                self.trainable, self.opt_state = state["trainable"], state["opt_state"]
         stream = self.batches(examples, pad_id)
         for _ in range(self.step * sft.grad_accum):  # replay the data order up to the resume point
             next(stream)
@@ -198,44 +193,16 @@ class Trainer:
                 log.append({"step": self.step, "loss": loss_val, "tokens": int(n_tok), "seconds": dt})
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{int(n_tok) / dt:.0f}")
             bar.update(1)
-            if ckpt_dir is not None and (self.step % sft.checkpoint_every == 0 or self.step == sft.steps):
-                self._save(Path(ckpt_dir), fp)
+            if ckpt is not None and (self.step % sft.checkpoint_every == 0 or self.step == sft.steps):
+                ckpt.save(self.step, self._state())
         bar.close()
         return self
+
+    def _state(self) -> dict:
+        return {"trainable": self.trainable, "opt_state": self.opt_state}
 
     def params(self):
         """The fine-tuned params in the dtype the base was given in."""
         if self.sft.lora_rank:
             return merge_lora(self.frozen, self.trainable, self.scale)
         return jax.tree.map(lambda t, f: t.astype(f.dtype), self.trainable, self.frozen)
-
-    # -------------------------------------------------------------------- checkpoints
-    def _state(self) -> dict[str, Any]:
-        return {"trainable": self.trainable, "opt_state": self.opt_state}
-
-    def _save(self, root: Path, fp: str) -> None:
-        from jmerge.io.orbax_io import _save
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step_{self.step:08d}"
-        tmp = root / f".step_{self.step:08d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        _save(tmp, self._state())
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        (root / "meta.json.tmp").write_text(json.dumps({"fingerprint": fp, "step": self.step}))
-        (root / "meta.json.tmp").replace(root / "meta.json")
-        for old in sorted(root.glob("step_*"))[:-2]:  # keep the last two
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _maybe_resume(self, root: Path, fp: str) -> None:
-        meta = root / "meta.json"
-        if not meta.exists():
-            return
-        m = json.loads(meta.read_text())
-        if m.get("fingerprint") != fp:
-            raise JmergeError(f"{root}: checkpoint is from another model or training config "
-                              "(remove it or choose another output directory)")
-        from jmerge.io.orbax_io import _load
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state())
-        state = _load(root / f"step_{m['step']:08d}", target)
-        self.trainable, self.opt_state, self.step = state["trainable"], state["opt_state"], int(m["step"])

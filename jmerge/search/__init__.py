@@ -1,0 +1,1 @@
+"""Searching merge coefficients and masks on data (`python -m jmerge.search`)."""

@@ -1,0 +1,149 @@
+"""Gradient search over a merge parametrisation (coefficients or masks) on typed data.
+
+Objective (One Bad Model): Σ_type w_type · CE(response | prompt) over, e.g., safety pairs and
+domain pairs — each type's CE is a mean over its response tokens. Every step mixes one batch of
+each type into one forward pass; the per-token weights carry w_type / n_tokens_type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jmerge import data
+from jmerge.checkpoint import RunCheckpoint, fingerprint
+from jmerge.errors import JmergeError
+from jmerge.search.merged import materialise, merged_forward, task_vectors, weighted_ce
+from jmerge.search.params import Masks
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpec:
+    steps: int = 50
+    lr: float = 1e-2
+    batch_size: int = 4  # rows per data type per step
+    seed: int = 0
+    checkpoint_every: int = 10
+    sparsity: float = 0.0  # masks: penalty on the mean keep probability
+    warmup: int = 0
+
+
+def mixed_batch(parts: list[tuple[dict, float]], pad_id: int = 0) -> dict:
+    """Rows of every type in one [B, T] batch; weight = loss_mask · w_type / n_tokens_type."""
+    length = max(b["input_ids"].shape[1] for b, _ in parts)
+    out = {k: [] for k in ("input_ids", "attention_mask", "loss_mask", "weight")}
+    for b, w in parts:
+        pad = ((0, 0), (0, length - b["input_ids"].shape[1]))
+        out["input_ids"].append(np.pad(b["input_ids"], pad, constant_values=pad_id))
+        out["attention_mask"].append(np.pad(b["attention_mask"], pad))
+        lm = np.pad(b["loss_mask"], pad)
+        out["loss_mask"].append(lm)
+        out["weight"].append(lm * (w / max(int(lm.sum()), 1)))
+    return {k: np.concatenate(v).astype(np.float32 if k == "weight" else np.int32) for k, v in out.items()}
+
+
+def _optimizer(spec: SearchSpec):
+    sched = optax.warmup_cosine_decay_schedule(0.0, spec.lr, max(spec.warmup, 1), max(spec.steps, spec.warmup + 1)) \
+        if spec.warmup else spec.lr
+    return optax.adam(sched)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "param", "spec"), donate_argnums=(0, 1))
+def _step(theta, opt_state, base, tvs, batch, key, *, cfg, param, spec: SearchSpec):
+    def loss_fn(theta):
+        logits = merged_forward(base, tvs, theta, cfg, batch, param, key=key)
+        loss = weighted_ce(logits, batch)
+        if isinstance(param, Masks) and spec.sparsity:
+            probs = jax.tree.leaves(jax.tree.map(lambda t: jnp.mean(jax.nn.sigmoid(t)), theta))
+            loss = loss + spec.sparsity * sum(probs) / len(probs)
+        return loss
+    loss, grads = jax.value_and_grad(loss_fn)(theta)
+    updates, opt_state = _optimizer(spec).update(grads, opt_state, theta)
+    theta = optax.apply_updates(theta, updates)
+    if hasattr(param, "project"):
+        theta = param.project(theta)
+    return theta, opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "param"))
+def batch_loss(theta, base, tvs, batch, key, *, cfg, param):
+    """The objective on one batch without gradients (scoring candidates, validation)."""
+    return weighted_ce(merged_forward(base, tvs, theta, cfg, batch, param, key=key), batch)
+
+
+class GradientSearch:
+    def __init__(self, cfg, base, experts, param, spec: SearchSpec, theta0):
+        if spec.steps <= 0 or spec.batch_size <= 0:
+            raise JmergeError("search steps and batch_size must be positive")
+        self.cfg, self.base, self.param, self.spec = cfg, base, param, spec
+        self.tvs = task_vectors(base, experts)
+        self.theta = theta0
+        self.opt_state = _optimizer(spec).init(theta0)
+        self.step = 0
+
+    def _state(self):
+        return {"theta": self.theta, "opt_state": self.opt_state}
+
+    def streams(self, typed: dict[str, tuple[list[data.Example], float]], pad_id: int):
+        """One deterministic endless stream per data type, zipped into mixed batches."""
+        def endless(exs, salt):
+            epoch = 0
+            while True:
+                yield from data.batches(exs, self.spec.batch_size, self.spec.seed * 1000 + salt, epoch, pad_id)
+                epoch += 1
+        its = [(endless(exs, i), w) for i, (exs, w) in enumerate(typed.values())]
+        while True:
+            yield mixed_batch([(next(it), w) for it, w in its], pad_id)
+
+    def fit(self, typed, pad_id=0, ckpt_dir: str | Path | None = None, progress=True, log=None):
+        from tqdm.auto import tqdm
+        if not typed or all(len(exs) == 0 for exs, _ in typed.values()):
+            raise JmergeError("search needs data: every data type is empty")
+        if sum(w for _, w in typed.values()) == 0:
+            raise JmergeError("data type weights sum to 0")
+        ckpt = None
+        if ckpt_dir is not None:
+            fp = fingerprint(self.cfg.hf_config, dataclasses.asdict(self.spec), repr(self.param),
+                             {k: (len(e), w) for k, (e, w) in typed.items()})
+            ckpt = RunCheckpoint(ckpt_dir, fp)
+            if (found := ckpt.restore(self._state())) is not None:
+                self.step, st = found
+                self.theta, self.opt_state = st["theta"], st["opt_state"]
+        stream = self.streams(typed, pad_id)
+        for _ in range(self.step):
+            next(stream)
+        key0 = jax.random.PRNGKey(self.spec.seed)
+        bar = tqdm(total=self.spec.steps, initial=self.step, desc="search", disable=not progress)
+        while self.step < self.spec.steps:
+            t0 = time.perf_counter()
+            batch = next(stream)
+            theta, opt_state, loss = _step(self.theta, self.opt_state, self.base, self.tvs, batch,
+                                           jax.random.fold_in(key0, self.step), cfg=self.cfg,
+                                           param=self.param, spec=self.spec)
+            loss = float(loss)
+            if not np.isfinite(loss):
+                where = f"; the last good checkpoint is in {ckpt_dir}" if ckpt_dir else ""
+                raise JmergeError(f"search loss became {loss} at step {self.step}{where}")
+            self.theta, self.opt_state = theta, opt_state
+            self.step += 1
+            if log is not None:
+                log.append({"step": self.step, "loss": loss, "seconds": time.perf_counter() - t0})
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
+            if ckpt is not None and (self.step % self.spec.checkpoint_every == 0 or self.step == self.spec.steps):
+                ckpt.save(self.step, self._state())
+        bar.close()
+        return self
+
+    def merged(self, param=None, seed: int | None = None):
+        """The merged params (for masks, pass the export parametrisation: soft/threshold/sample)."""
+        param = param or self.param
+        key = jax.random.PRNGKey(self.spec.seed if seed is None else seed)
+        return jax.jit(materialise, static_argnames=("param",))(self.base, self.tvs, self.theta, param=param, key=key)
