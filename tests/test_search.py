@@ -134,3 +134,34 @@ def test_resume_is_bit_identical(models, tmp_path):
     again = GradientSearch(base.cfg, base.params, [a.params, b.params], param, spec, param.theta0(3)).fit(typed, ckpt_dir=tmp_path, progress=False)
     assert again.step == 6
     np.testing.assert_array_equal(np.asarray(again.theta["layers"]), np.asarray(ref.theta["layers"]))
+
+
+def _batches(exs, n=2, size=4):
+    return [mixed_batch([(data.collate(exs[i * size:(i + 1) * size], 16, size), 1.0)]) for i in range(n)]
+
+
+def test_evolve_improves_and_prefers_the_right_expert(models):
+    from jmerge.search.params import MethodParams
+    from jmerge.search.population import EvolveSpec, evolve
+    base, a, b = models
+    batches = _batches(greedy_data(a))
+    param = MethodParams("task_arithmetic", k=2, names=("weight",))
+    log = []
+    theta, best = evolve(base.cfg, base.params, [a.params, b.params], param, {"weight": 0.5}, batches,
+                         EvolveSpec(generations=5, popsize=8), progress=False, log=log)
+    assert best < log[0]["mean"] and log[-1]["candidates_per_minute"] > 0
+    w = np.asarray(theta["layers"]["model"])[:, 0, :]  # [L, K]
+    assert w[:, 0].mean() > w[:, 1].mean(), w
+
+
+def test_cocktail_weights_are_softmax_of_negative_losses(models):
+    from jmerge.search.population import cocktail_weights, linear_merge
+    base, a, b = models
+    batches = _batches(greedy_data(a))
+    w, losses = cocktail_weights(base.cfg, [a.params, b.params], batches, temperature=2.0)
+    want = np.exp(-losses / 2.0) / np.exp(-losses / 2.0).sum()
+    np.testing.assert_allclose(w, want, rtol=1e-6)
+    assert losses[0] < losses[1] and w[0] > 0.5  # the data is expert a's
+    merged = linear_merge([a.params, b.params], jnp.asarray(w))
+    q = lambda p: np.asarray(p["model"]["layers"]["self_attn"]["q_proj"]["weight"])  # noqa: E731
+    np.testing.assert_allclose(q(merged), w[0] * q(a.params) + w[1] * q(b.params), atol=1e-6)

@@ -151,3 +151,42 @@ class Masks:
 
     def probabilities(self, theta):
         return jax.tree.map(jax.nn.sigmoid, theta)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodParams:
+    """Per-layer parameters of a registered merge method (EvoMM's genome): each decoder layer
+    gets its own per-model values (e.g. weight, density) and global values (e.g. slerp's t); the
+    non-layer tensors get one set. The method runs on every HF tensor inside the graph; random
+    methods draw from a key folded from (seed, layer, tensor)."""
+
+    method: str
+    k: int
+    names: tuple[str, ...] = ()  # per-model parameters searched, e.g. ("weight", "density")
+    global_names: tuple[str, ...] = ()  # global parameters searched, e.g. ("t",)
+    fixed: tuple[tuple[str, float], ...] = ()  # global parameters held fixed
+
+    def theta0(self, num_layers: int, init: dict[str, float]) -> dict:
+        one = {"model": jnp.asarray([[init[n]] * self.k for n in self.names], jnp.float32).reshape(len(self.names), self.k),
+               "global": jnp.asarray([init[n] for n in self.global_names], jnp.float32)}
+        return {"layers": jax.tree.map(lambda v: jnp.broadcast_to(v, (num_layers,) + v.shape), one), "rest": one}
+
+    def _apply(self, base, tvs, theta, key):
+        from jmerge.merge import registry
+        m = registry.get(self.method)
+        ids = {p: i for i, p in enumerate(_paths(base))}
+        kw = {n: [theta["model"][i, j] for j in range(self.k)] for i, n in enumerate(self.names)}
+        kw.update({n: theta["global"][i] for i, n in enumerate(self.global_names)})
+        kw.update(dict(self.fixed))
+
+        def leaf(path, b, *tv):
+            models = [(b.astype(jnp.float32) + t).astype(b.dtype) for t in tv]
+            lkey = jax.random.fold_in(key, ids[path]) if (m.random and key is not None) else None
+            return m.fn(b, models, key=lkey, **kw).astype(b.dtype)
+        return _map_with_path(leaf, base, *tvs)
+
+    def layer(self, base_l, tvs_l, theta_l, key=None):
+        return self._apply(base_l, tvs_l, theta_l, key)
+
+    def rest(self, base_r, tvs_r, theta_r, key=None):
+        return self._apply(base_r, tvs_r, theta_r, key)
