@@ -13,6 +13,11 @@ COMMANDS = {
     "convert": ("jmerge.convert", "HF dir | .gguf | PEFT adapter -> HF dir or orbax dir"),
     "default-model": ("jmerge.default_model", "fetch and convert the embedded SmolLM2 default"),
     "generate": ("jmerge.generate", "generate responses to a prompt set (JSONL), batched and jitted"),
+    "eval": ("jmerge.eval_cli", "evaluate models: safety, over-refusal, domain suites -> JSON/Markdown/PNG report"),
+    "merge": ("jmerge.merge_cli", "merge models as a mergekit YAML describes -> HF dir"),
+    "check": ("jmerge.check", "check a merge config and its models before merging"),
+    "inspect": ("jmerge.inspect_cli", "task-vector norms, cosines, sign conflicts -> JSON + PNG"),
+    "search": ("jmerge.search.__main__", "search merge coefficients / masks on data, evaluate, report"),
 }
 
 

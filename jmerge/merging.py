@@ -1,0 +1,631 @@
+"""The merge engine: a checked plan -> an HF directory, in memory or streamed tensor by tensor.
+
+Both modes call the same per-tensor function (`method.fn` on one HF tensor's inputs) with the
+same float32 parameter values and the same key, so they write the same bits:
+
+- in memory: every input model is loaded onto the mesh; one jitted function builds the whole
+  output pytree, each stacked layer leaf as the method mapped over the layers of one output
+  slice (parameters are per-layer vectors). It is `lax.map`, not `vmap`: XLA orders reductions
+  over a batched tensor differently (1-ulp differences in DARE's L1 rescale), and streaming must
+  match bit for bit. The layer axis is the only axis the merge is split on (shard_map), so no
+  reduction inside a tensor depends on the mesh shape either.
+- streaming: for each output tensor, the inputs are read from the files (no memory map kept),
+  merged by the per-tensor function jitted once per shape, and written straight into the output
+  safetensors file. Peak memory is a few tensors.
+
+Randomness: key = fold_in(key(seed), first 4 bytes of sha256(output tensor name)), independent
+of order, mode and sharding.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jmerge import sharding as shd
+from jmerge.check import Checked, ModelInput, check_plan, out_config
+from jmerge.config import ModelConfig
+from jmerge.errors import JmergeError, collect
+from jmerge.io import hf
+from jmerge.io.atomic import atomic_dir, check_target
+from jmerge.io.safetensors_io import write_file
+from jmerge.plan import Job, MergePlan, load_plan
+
+EMBED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+# Streaming is chosen when the inputs would take more than this share of available memory.
+STREAM_FRACTION = 0.45
+
+
+# ---------------------------------------------------------------------------- keys, calls
+
+def name_hash(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+
+
+def tensor_key(seed: int, name: str) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), np.uint32(name_hash(name)))
+
+
+def per_tensor(method, static: tuple, out_dtype, base, models, key, params):
+    """The method on one tensor cast to the output dtype, plus whether every input is finite."""
+    out = method.fn(base, list(models), key=key if method.random else None, **params, **dict(static))
+    out = out.astype(out_dtype)
+    inputs = ([base] if base is not None else []) + list(models)
+    finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in inputs])
+    return out, finite
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_tensor_fn(method_name: str, static: tuple, out_dtype: np.dtype):
+    from jmerge.merge import get
+    return jax.jit(functools.partial(per_tensor, get(method_name), static, out_dtype))
+
+
+def job_params(job: Job, static_names: frozenset, masks: "MaskFiles") -> tuple[dict, tuple]:
+    """(traced parameters as float32 scalars / tuples, static parameters as a sorted tuple)."""
+    dyn, static = {}, {}
+    for k, v in job.params.items():
+        if k in static_names:
+            static[k] = v[0] if isinstance(v, tuple) else v
+        elif k == "mask":
+            dyn[k] = tuple(masks.get(path, job.out_name) for path in v)
+        elif isinstance(v, tuple):
+            dyn[k] = tuple(np.float32(x) for x in v)
+        else:
+            dyn[k] = np.float32(v)
+    return dyn, tuple(sorted(static.items()))
+
+
+class MaskFiles:
+    """somf masks: a per-model parameter naming a safetensors file keyed by output tensor name."""
+
+    def __init__(self, config_dir: Path):
+        self.dir, self.open = config_dir, {}
+
+    def get(self, path: str, name: str) -> np.ndarray:
+        from jmerge.check import locate
+        from jmerge.io.safetensors_io import Checkpoint
+        if path not in self.open:
+            self.open[path] = Checkpoint(locate(path, self.dir))
+        ck = self.open[path]
+        if name not in ck.where:
+            raise JmergeError(f"mask file {path} has no tensor {name}")
+        return np.asarray(ck.array(name), np.float32)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+@dataclasses.dataclass
+class TokenizerPlan:
+    vocab: dict[str, int]  # output token -> id
+    rows: int  # output embedding rows
+    perms: dict[str, np.ndarray]  # model -> source row per output row (-1: the model lacks it)
+    save: Any  # callable(out_dir)
+    changed: bool  # whether any model's embedding rows must be rearranged
+
+
+def plan_tokenizer(c: Checked) -> TokenizerPlan | None:
+    plan = c.plan
+    if plan.tokenizer_source is None:
+        return None
+    vocabs = {ref: m.vocab() for ref, m in c.models.items()}
+    if plan.tokenizer_source == "union":
+        from transformers import AutoTokenizer
+        first = plan.base_model or c.ref_model
+        tok = AutoTokenizer.from_pretrained(str(c.models[first].tokenizer_dir))
+        have = set(tok.get_vocab())
+        extra = [t for ref in c.models for t, _ in sorted(vocabs[ref].items(), key=lambda kv: kv[1])
+                 if t not in have]
+        extra = list(dict.fromkeys(extra))
+        if extra:
+            tok.add_tokens(extra)
+        vocab = tok.get_vocab()
+        save = lambda out: tok.save_pretrained(str(out))  # noqa: E731
+    else:
+        src = plan.base_model if plan.tokenizer_source == "base" else plan.tokenizer_source
+        vocab = vocabs[src]
+        save = c.models[src].write_tokenizer
+    rows = max(vocab.values()) + 1
+    if plan.pad_to_multiple_of:
+        rows = -(-rows // plan.pad_to_multiple_of) * plan.pad_to_multiple_of
+    perms, changed = {}, False
+    for ref, m in c.models.items():
+        p = np.full(rows, -1, np.int64)
+        for t, i in vocab.items():
+            j = vocabs[ref].get(t, -1)
+            p[i] = j if j < m.cfg.vocab_size else -1
+        perms[ref] = p
+        changed |= not (rows == m.cfg.vocab_size and np.array_equal(p, np.arange(rows)))
+    return TokenizerPlan(vocab, rows, perms, save, changed)
+
+
+def permute_embeddings(arrays: dict[str, np.ndarray], tp: TokenizerPlan, base: str | None) -> dict[str, np.ndarray]:
+    """Rearrange each model's embedding rows into the output vocabulary (mergekit semantics):
+    a row a model lacks is filled from the only model that has the token, else from the base,
+    else with the mean over the models that have it; a token nobody has gets zeros."""
+    refs = list(arrays)
+    perms = np.stack([tp.perms[r] for r in refs])  # [models, rows]
+    present = perms >= 0
+    count = present.sum(0)
+    width = next(iter(arrays.values())).shape[1]
+    dtype = next(iter(arrays.values())).dtype
+    gathered = np.zeros((len(refs), tp.rows, width), np.float32)
+    for k, r in enumerate(refs):
+        ok = present[k]
+        gathered[k, ok] = arrays[r][perms[k, ok]].astype(np.float32)
+    fill = np.zeros((tp.rows, width), np.float32)
+    mean = gathered.sum(0) / np.maximum(count, 1)[:, None]
+    fill[count > 1] = mean[count > 1]
+    only = count == 1
+    fill[only] = gathered[present.argmax(0)[only], np.nonzero(only)[0]]
+    if base is not None and base in refs:
+        b = refs.index(base)
+        from_base = (count > 1) & present[b]
+        fill[from_base] = gathered[b, from_base]
+    out = {}
+    for k, r in enumerate(refs):
+        rows = np.where(present[k][:, None], gathered[k], fill)
+        out[r] = rows.astype(dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------- chat template
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+          " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+BUILTIN_TEMPLATES = {"chatml": CHATML}
+
+
+def _template_of(d: Path | None) -> str | None:
+    if d is None:
+        return None
+    if (d / "chat_template.jinja").exists():
+        return (d / "chat_template.jinja").read_text()
+    f = d / "tokenizer_config.json"
+    if f.exists():
+        t = json.loads(f.read_text()).get("chat_template")
+        return t if isinstance(t, str) else None
+    return None
+
+
+def resolve_chat_template(c: Checked) -> str | None:
+    setting = c.plan.chat_template
+    if setting is None:
+        return None
+    if setting == "auto":
+        found = [t for t in (_template_of(m.tokenizer_dir) for m in c.models.values()) if t]
+        return Counter(found).most_common(1)[0][0] if found else None
+    if setting in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[setting]
+    if "{%" in setting or "{{" in setting:
+        return setting
+    raise JmergeError(f"chat_template {setting!r}: not 'auto', a built-in ({', '.join(BUILTIN_TEMPLATES)}) "
+                      "or a Jinja template")
+
+
+def write_chat_template(out: Path, template: str) -> None:
+    (out / "chat_template.jinja").write_text(template)
+    f = out / "tokenizer_config.json"
+    if f.exists():
+        conf = json.loads(f.read_text())
+        if "chat_template" in conf:
+            conf["chat_template"] = template
+            f.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------- the merge
+
+@dataclasses.dataclass
+class Prepared:
+    checked: Checked
+    out_cfg: ModelConfig
+    out_dtype: np.dtype
+    compute_dtype: np.dtype | None
+    tokenizer: TokenizerPlan | None
+    chat_template: str | None
+    jobs: dict[str, Job]
+    masks: MaskFiles
+    # jitted in-memory merge per mesh: re-merging with new parameter values reuses it
+    compiled: dict = dataclasses.field(default_factory=dict)
+
+    def write_extras(self, out: Path) -> None:
+        c = self.checked
+        if self.tokenizer is not None:
+            self.tokenizer.save(out)
+        else:
+            c.models[c.ref_model].write_tokenizer(out)
+        if self.chat_template:
+            write_chat_template(out, self.chat_template)
+
+
+def prepare(c: Checked) -> Prepared:
+    plan = c.plan
+    tp = plan_tokenizer(c)
+    ref = c.models[c.ref_model]
+    out_dtype = (_np_dtype(plan.out_dtype) if plan.out_dtype
+                 else np.dtype(ref.source.dtype("model.embed_tokens.weight")))
+    out_cfg = out_config(plan, c.models, c.ref_model, c.resolved, tp.rows if tp else None, out_dtype.name)
+    return Prepared(c, out_cfg, out_dtype, _np_dtype(plan.dtype) if plan.dtype else None, tp,
+                    resolve_chat_template(c), {j.out_name: j for j in c.resolved.jobs},
+                    MaskFiles(Path(plan.path).resolve().parent))
+
+
+def _np_dtype(name: str) -> np.dtype:
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def read_tensor(m: ModelInput, name: str, dtype: np.dtype | None) -> np.ndarray:
+    """One whole tensor, read (not memory-mapped) so that no file pages stay mapped."""
+    src = m.source
+    if hasattr(src, "read_into"):
+        buf = np.empty(src.shape(name), np.dtype(src.dtype(name)))
+        src.read_into(name, (slice(None),), buf)
+    else:
+        buf = np.asarray(src.array(name))
+    return buf if dtype is None or buf.dtype == dtype else buf.astype(dtype)
+
+
+def embedding_inputs(p: Prepared, job: Job) -> dict[str, np.ndarray]:
+    """The (vocabulary-aligned) embedding / lm_head rows of every model feeding `job`."""
+    c = p.checked
+    refs = list(dict.fromkeys(([job.base] if job.base else []) + list(job.models)))
+    base = c.plan.slices[job.slice].base_model or c.plan.base_model
+    extra = [base] if base and base not in refs and base in c.models else []
+    arrays = {r: read_tensor(c.models[r], _embed_name(c.models[r], job.out_name), p.compute_dtype)
+              for r in refs + extra}
+    out = permute_embeddings(arrays, p.tokenizer, base)
+    return {r: out[r] for r in refs}
+
+
+def _embed_name(m: ModelInput, name: str) -> str:
+    # a tied model has no lm_head: its embedding is the head
+    if name == "lm_head.weight" and m.cfg.tie_word_embeddings:
+        return "model.embed_tokens.weight"
+    return name
+
+
+def job_inputs(p: Prepared, job: Job) -> list[np.ndarray]:
+    refs = ([job.base] if job.base else []) + list(job.models)
+    if p.tokenizer is not None and p.tokenizer.changed and job.out_name in EMBED_NAMES:
+        arrays = embedding_inputs(p, job)
+        return [arrays[r] for r in refs]
+    return [read_tensor(p.checked.models[r], n, p.compute_dtype) for r, n in zip(refs, job.in_names)]
+
+
+def _split(job: Job, xs: list) -> tuple[Any, list]:
+    return (xs[0], xs[1:]) if job.base else (None, xs)
+
+
+def _raise_nonfinite(bad: list[str]) -> None:
+    collect([f"{b} has NaN/Inf values" for b in bad], "non-finite input weights; nothing was written")
+
+
+def _shards(items, limit: int) -> list[list]:
+    shards, cur, size = [], [], 0
+    for it in items:
+        nbytes = int(np.prod(it[2], dtype=np.int64)) * it[1].itemsize
+        if cur and size + nbytes > limit:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += nbytes
+    shards.append(cur)
+    return shards
+
+
+def stream_merge(p: Prepared, out: Path, *, seed: int, force: bool, max_shard_size="5GB",
+                 progress: bool = False) -> Path:
+    """Tensor by tensor from the input files to the output files."""
+    plan = p.checked.plan
+    static_names = plan.static_params
+    layout = hf.hf_layout(p.out_cfg)
+    items = [(n, p.out_dtype, s) for n, s in layout.items()]
+    shards = _shards(items, hf.parse_size(max_shard_size))
+    bad: list[str] = []
+    bar = hf._bar(len(items), progress, "merge")
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def compute(job: Job, xs: list[np.ndarray]):
+        dyn, static = job_params(job, static_names, p.masks)
+        fn = jitted_tensor_fn(plan.method.name, static, p.out_dtype)
+        key = tensor_key(seed, job.out_name) if plan.method.random else None
+        base, models = _split(job, xs)
+        return fn(base, models, key, dyn)
+
+    def finish(job, y, finite):
+        y = np.asarray(y)
+        refs = ([job.base] if job.base else []) + list(job.models)
+        bad.extend(f"{r}: {n}" for ok, r, n in zip(np.asarray(finite), refs, job.in_names) if not ok)
+        bar.update(1)
+        return y
+
+    def results():
+        # Pipelined: read tensor i+1 (thread) and write tensor i-1 while tensor i merges.
+        names = list(layout)
+        nxt = pool.submit(job_inputs, p, p.jobs[names[0]])
+        pending = None
+        for i, name in enumerate(names):
+            job = p.jobs[name]
+            xs = nxt.result()
+            if i + 1 < len(names):
+                nxt = pool.submit(job_inputs, p, p.jobs[names[i + 1]])
+            current = (job, *compute(job, xs))
+            del xs
+            if pending is not None:
+                yield finish(*pending)
+            pending = current
+        yield finish(*pending)
+        bar.close()
+
+    stream = results()
+    try:
+        with atomic_dir(out, force) as tmp:
+            names = (["model.safetensors"] if len(shards) == 1 else
+                     [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+            for fname, shard in zip(names, shards):
+                write_file(tmp / fname, shard, (next(stream) for _ in shard))
+            if bad:
+                _raise_nonfinite(bad)
+            if len(shards) > 1:
+                total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in items)
+                wmap = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                    {"metadata": {"total_size": total, "producer": "jmerge"}, "weight_map": wmap}, indent=2))
+            hf.write_config(tmp, p.out_cfg, p.out_dtype)
+            p.write_extras(tmp)
+    finally:
+        pool.shutdown(wait=True)
+    return out
+
+
+# ---- in memory -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Output tensors computed by one call: a non-layer tensor, or one stacked layer leaf over the
+    layers of one output slice (mapped)."""
+    path: tuple[str, ...]  # output leaf
+    names: tuple[str, ...]  # output HF names, in layer order
+    layered: bool
+    base: str | None
+    models: tuple[str, ...]
+    starts: tuple[int, ...]  # first input layer per input (base first); layered groups only
+    static: tuple
+
+
+def _static_only(j: Job, static_names) -> tuple:
+    return tuple(sorted((k, v[0] if isinstance(v, tuple) else v)
+                        for k, v in j.params.items() if k in static_names))
+
+
+def build_groups(p: Prepared) -> list[Group]:
+    groups = []
+    static_names = p.checked.plan.static_params
+    for path in hf.leaf_paths(p.out_cfg):
+        names = hf.leaf_names(path, p.out_cfg)
+        layered = path[:2] == ("model", "layers")
+        runs = [names[lo:hi] for lo, hi in p.checked.resolved.slice_layers] if layered else [names]
+        for run in runs:
+            j = p.jobs[run[0]]
+            starts = tuple(int(n.split(".")[2]) for n in j.in_names) if layered else ()
+            groups.append(Group(path, tuple(run), layered, j.base, j.models, starts,
+                                _static_only(j, static_names)))
+    return groups
+
+
+def group_params(p: Prepared, g: Group, seed: int):
+    """Traced parameters (per-layer vectors for a layered group) and keys of one group."""
+    dyn = [job_params(p.jobs[n], p.checked.plan.static_params, p.masks)[0] for n in g.names]
+    params = jax.tree.map(lambda *xs: np.stack(xs), *dyn) if g.layered else dyn[0]
+    keys = None
+    if p.checked.plan.method.random:
+        ks = [tensor_key(seed, n) for n in g.names]
+        keys = jnp.stack(ks) if g.layered else ks[0]
+    return params, keys
+
+
+def over_layers(call, mesh: Mesh, n: int, args):
+    """call mapped over the leading (layer) axis of args, one layer at a time.
+
+    Not vmap: XLA orders a reduction over a batched [n, ...] tensor differently from one over a
+    single tensor, and the streaming mode must produce the same bits. The loop body has the
+    shapes of one tensor; when the mesh divides the layers, each device loops over its own.
+    """
+    def local(args):
+        return jax.lax.map(lambda a: call(*a), args)
+
+    axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    return on_devices(local, mesh, P(axes) if axes and n % size == 0 else P())(args)
+
+
+def on_devices(f, mesh: Mesh, spec: P):
+    """f run per device on its block of `spec` (P(): every device computes the whole thing),
+    so the partitioner never splits the inside of a tensor."""
+    if mesh.size == 1:
+        return f
+    return jax.shard_map(f, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def memory_fn(p: Prepared, groups: list[Group], mesh: Mesh):
+    """inputs: {model: {"layers": stacked layer leaves, "named": {HF name: array}}} ->
+    (output params pytree, per-group finiteness flags of the inputs)."""
+    from jmerge.merge import get
+    method = get(p.checked.plan.method.name)
+    out_sh = shd.param_shardings(_abstract(p.out_cfg), mesh)
+
+    def fn(inputs, gparams, gkeys):
+        pieces: dict[tuple, list] = {}
+        finite = []
+        for g, prm, key in zip(groups, gparams, gkeys):
+            refs = ([g.base] if g.base else []) + list(g.models)
+            call = functools.partial(per_tensor, method, g.static, p.out_dtype)
+            if g.layered:
+                n = len(g.names)
+                xs = [_get(inputs[ref]["layers"], g.path[2:])[a:a + n] for ref, a in zip(refs, g.starts)]
+                base, models = (xs[0], xs[1:]) if g.base else (None, xs)
+                y, fin = over_layers(call, mesh, n, (base, models, key, prm))
+            else:
+                xs = [inputs[ref]["named"][g.names[0]] for ref in refs]
+                base, models = (xs[0], xs[1:]) if g.base else (None, xs)
+                y, fin = on_devices(lambda a: call(*a), mesh, P())((base, models, key, prm))
+            pieces.setdefault(g.path, []).append(y)
+            finite.append(fin)
+        out: dict = {}
+        for path, ys in pieces.items():
+            leaf = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=0)
+            leaf = jax.lax.with_sharding_constraint(leaf, _get(out_sh, path))
+            node = out
+            for k in path[:-1]:
+                node = node.setdefault(k, {})
+            node[path[-1]] = leaf
+        return out, finite
+
+    return fn
+
+
+def _abstract(cfg: ModelConfig):
+    from jmerge.models import llama
+    return llama.abstract_params(cfg)
+
+
+def load_inputs(p: Prepared, groups: list[Group], mesh: Mesh, progress: bool = False) -> dict:
+    """Every input on the mesh: stacked layer leaves straight from the files; embeddings, final
+    norm and lm_head by HF name (vocabulary-aligned exactly as streaming aligns them)."""
+    c = p.checked
+    inputs = {}
+    for ref, m in c.models.items():
+        params = hf.load_params(m.source, m.cfg, mesh, p.compute_dtype, allow_nonfinite=True,
+                                where=m.ref, progress=progress)
+        inputs[ref] = {"layers": params["model"]["layers"], "named": {}}
+        del params
+    for g in groups:
+        if g.layered:
+            continue
+        job = p.jobs[g.names[0]]
+        refs = ([job.base] if job.base else []) + list(job.models)
+        for ref, x in zip(refs, job_inputs(p, job)):
+            inputs[ref]["named"][g.names[0]] = jax.device_put(x, NamedSharding(mesh, P()))
+    return inputs
+
+
+
+
+def memory_params(p: Prepared, mesh: Mesh, *, seed: int, progress: bool = False):
+    """The merged params pytree on the mesh (raises on non-finite inputs)."""
+    groups = build_groups(p)
+    inputs = load_inputs(p, groups, mesh, progress)
+    gp = [group_params(p, g, seed) for g in groups]
+    if mesh not in p.compiled:
+        p.compiled[mesh] = jax.jit(memory_fn(p, groups, mesh))
+    fn = p.compiled[mesh]
+    merged, finite = fn(inputs, [x[0] for x in gp], [x[1] for x in gp])
+    bad = []
+    for g, fin in zip(groups, jax.device_get(finite)):
+        fin = np.asarray(fin).reshape(len(g.names), -1)
+        refs = ([g.base] if g.base else []) + list(g.models)
+        for row, name in zip(fin, g.names):
+            bad += [f"{r}: {p.jobs[name].in_names[k]}" for k, (ok, r) in enumerate(zip(row, refs)) if not ok]
+    if bad:
+        _raise_nonfinite(bad)
+    return merged
+
+
+def memory_merge(p: Prepared, out: Path, *, seed: int, mesh: Mesh, force: bool,
+                 max_shard_size="5GB", progress: bool = False):
+    merged = memory_params(p, mesh, seed=seed, progress=progress)
+    hf.save_hf(merged, p.out_cfg, out, max_shard_size=max_shard_size, dtype=p.out_dtype, force=force,
+               progress=progress, tokenizer_writer=p.write_extras)
+    return merged
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def choose_mode(c: Checked, mode: str) -> str:
+    """On CPU streaming is both faster and smaller (measured: scripts/bench_merge.py), so `auto`
+    streams there; on accelerators it merges in memory when the inputs fit."""
+    if mode in ("stream", "memory"):
+        return mode
+    devs = jax.devices()
+    if devs[0].platform == "cpu":
+        return "stream"
+    need = sum(m.nbytes() for m in c.models.values())
+    stats = devs[0].memory_stats() or {}
+    limit = min(available_memory(), stats.get("bytes_limit", 0) * len(devs))
+    return "stream" if need > STREAM_FRACTION * limit else "memory"
+
+
+@dataclasses.dataclass
+class MergeResult:
+    out: Path
+    mode: str
+    seconds: float
+    n_tensors: int
+    num_layers: int
+    warnings: list[str]
+
+
+def merge(config: str | Path | MergePlan, out: str | Path, *, mode: str = "auto", seed: int = 0,
+          mesh: Mesh | None = None, force: bool = False, orbax: str | Path | None = None,
+          max_shard_size="5GB", progress: bool = False) -> MergeResult:
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_target(out, force)
+    if orbax is not None:
+        check_target(orbax, force)
+    plan = config if isinstance(config, MergePlan) else load_plan(config)
+    c = check_plan(plan)
+    p = prepare(c)
+    mode = choose_mode(c, mode)
+    if mode == "stream":
+        stream_merge(p, out, seed=seed, force=force, max_shard_size=max_shard_size, progress=progress)
+    else:
+        mesh = mesh or shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+        merged = memory_merge(p, out, seed=seed, mesh=mesh, force=force, max_shard_size=max_shard_size,
+                              progress=progress)
+    if orbax is not None:
+        from jmerge.io import load_model, orbax_io
+        if mode == "stream":
+            m = load_model(out, mesh=mesh or shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
+            merged = m.params
+        orbax_io.save_orbax(merged, p.out_cfg, orbax, force=force, tokenizer_writer=lambda d: _copy_extras(out, d))
+    return MergeResult(out, mode, time.perf_counter() - t0, len(c.resolved.jobs), p.out_cfg.num_layers,
+                       c.warnings)
+
+
+def _copy_extras(src: Path, dst: Path) -> None:
+    hf.copy_tokenizer(src, dst)
+    if (src / "chat_template.jinja").exists():
+        shutil.copy2(src / "chat_template.jinja", dst / "chat_template.jinja")

@@ -1,0 +1,152 @@
+"""The search config (YAML): models, typed data, which searches to run, baselines, evaluation.
+
+Every key is checked: unknown keys are errors with a did-you-mean, values are typed, and paths
+expand `~` and environment variables (e.g. `${JMERGE_CACHE}`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+from jmerge.errors import JmergeError
+
+SEARCHES = {
+    "coefficients": dict(granularity="layer", transform="clamp", init=0.5, steps=40, lr=0.05, batch_size=4,
+                         clamp=[0.0, 1.0], warmup=0),
+    "masks": dict(safe=None, granularity="row", steps=40, lr=0.05, batch_size=4, temperature=0.5, init=0.0,
+                  sparsity=0.0, shared=True, lam=1.0, export="soft", data=None, warmup=0),
+    "evolve": dict(method="ties", params=["weight", "density"], global_params=[], init={}, generations=6,
+                   popsize=8, sigma0=1 / 6, batches=2, batch_size=4),
+    "cocktail": dict(temperature=1.0, batches=2, batch_size=4),
+    "sweep": dict(alpha=[0.25, 0.5, 0.75, 1.0], beta=[0.25, 0.5, 0.75, 1.0], domain="domain", align="safety"),
+}
+BASELINES = ("task_arithmetic", "ties", "mergealign")
+TOP = dict(base=None, experts=None, data=None, searches=None, baselines=list(BASELINES), eval={}, out=None,
+           max_len=192, seed=0, checkpoint_every=10, dtype="float32", mesh=None)
+EVAL = dict(suites=["safety", "overrefusal", "domain"], limit=64, max_new_tokens=48, batch_size=16,
+            harmful="harmbench", xstest=None, domain=None, data=None)
+
+
+@dataclasses.dataclass
+class DataSpec:
+    path: Path
+    weight: float = 1.0
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    base: Path
+    experts: dict[str, Path]
+    data: dict[str, DataSpec]
+    searches: dict[str, dict]
+    baselines: list[str]
+    eval: dict
+    out: Path
+    max_len: int
+    seed: int
+    checkpoint_every: int
+    dtype: str
+    mesh: str | None
+    source: Path | None = None
+    raw: dict = dataclasses.field(default_factory=dict)
+
+
+def _path(v, where: str) -> Path:
+    if not isinstance(v, str) or not v:
+        raise JmergeError(f"{where}: expected a path, got {v!r}")
+    return Path(os.path.expandvars(os.path.expanduser(v)))
+
+
+def _check_keys(d: dict, allowed, where: str) -> None:
+    if not isinstance(d, dict):
+        raise JmergeError(f"{where}: expected a mapping, got {type(d).__name__}")
+    for k in d:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), list(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise JmergeError(f"{where}: unknown key {k!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def _fill(d: dict | None, defaults: dict, where: str) -> dict:
+    d = dict(d or {})
+    _check_keys(d, defaults, where)
+    out = dict(defaults)
+    for k, v in d.items():
+        want = defaults[k]
+        if isinstance(want, bool) and not isinstance(v, bool):
+            raise JmergeError(f"{where}.{k}: expected true/false, got {v!r}")
+        if isinstance(want, (int, float)) and not isinstance(want, bool):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise JmergeError(f"{where}.{k}: expected a number, got {v!r}")
+            v = type(want)(v) if isinstance(want, float) or float(v).is_integer() else v
+        out[k] = v
+    return out
+
+
+def parse(raw: Any, source: Path | None = None) -> SearchConfig:
+    where = str(source) if source else "config"
+    _check_keys(raw, TOP, where)
+    cfg = _fill(raw, TOP, where)
+    for req in ("base", "experts", "data", "searches", "out"):
+        if raw.get(req) in (None, {}, []):
+            raise JmergeError(f"{where}: missing required key {req!r}")
+    if not isinstance(cfg["experts"], dict):
+        raise JmergeError(f"{where}.experts: expected a mapping name -> model path")
+    experts = {str(k): _path(v, f"{where}.experts.{k}") for k, v in cfg["experts"].items()}
+    data = {}
+    _check_keys(cfg["data"], cfg["data"], f"{where}.data")
+    for name, spec in cfg["data"].items():
+        spec = {"path": spec} if isinstance(spec, str) else spec
+        _check_keys(spec, ("path", "weight"), f"{where}.data.{name}")
+        w = spec.get("weight", 1.0)
+        if not isinstance(w, (int, float)) or w < 0:
+            raise JmergeError(f"{where}.data.{name}.weight: expected a number >= 0, got {w!r}")
+        data[str(name)] = DataSpec(_path(spec.get("path"), f"{where}.data.{name}.path"), float(w))
+    if sum(d.weight for d in data.values()) == 0:
+        raise JmergeError(f"{where}.data: the weights sum to 0, so there is nothing to optimise")
+    _check_keys(cfg["searches"], SEARCHES, f"{where}.searches")
+    searches = {k: _fill(v, SEARCHES[k], f"{where}.searches.{k}") for k, v in cfg["searches"].items()}
+    for name, s in searches.items():
+        if s.get("steps", 1) <= 0 or s.get("generations", 1) <= 0:
+            raise JmergeError(f"{where}.searches.{name}: steps/generations must be positive")
+    if "masks" in searches:
+        safe = searches["masks"]["safe"]
+        if safe is not None and safe not in experts:
+            raise JmergeError(f"{where}.searches.masks.safe: {safe!r} is not one of the experts ({', '.join(experts)})")
+        if searches["masks"]["data"] is not None and searches["masks"]["data"] not in data:
+            raise JmergeError(f"{where}.searches.masks.data: {searches['masks']['data']!r} is not a data type")
+    if "sweep" in searches:
+        for role in ("domain", "align"):
+            if searches["sweep"][role] not in experts:
+                raise JmergeError(f"{where}.searches.sweep.{role}: {searches['sweep'][role]!r} is not one of the experts")
+    for b in cfg["baselines"]:
+        if b not in BASELINES:
+            close = difflib.get_close_matches(str(b), BASELINES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise JmergeError(f"{where}.baselines: unknown baseline {b!r}{hint}; known: {', '.join(BASELINES)}")
+    ev = _fill(cfg["eval"], EVAL, f"{where}.eval")
+    for k in ("domain", "xstest", "data"):
+        if ev[k] is not None:
+            ev[k] = _path(ev[k], f"{where}.eval.{k}")
+    return SearchConfig(base=_path(cfg["base"], f"{where}.base"), experts=experts, data=data, searches=searches,
+                        baselines=list(cfg["baselines"]), eval=ev, out=_path(cfg["out"], f"{where}.out"),
+                        max_len=int(cfg["max_len"]), seed=int(cfg["seed"]), checkpoint_every=int(cfg["checkpoint_every"]),
+                        dtype=str(cfg["dtype"]), mesh=cfg["mesh"], source=source, raw=raw)
+
+
+def load(path: str | Path) -> SearchConfig:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise JmergeError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise JmergeError(f"{path}: YAML syntax error{line}: {getattr(e, 'problem', e)}") from None
+    return parse(raw, path)
