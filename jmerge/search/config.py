@@ -56,9 +56,11 @@ class SearchConfig:
 
 
 def _path(v, where: str) -> Path:
+    """`~`, environment variables and `{cache}` (the jmerge cache root) expanded."""
     if not isinstance(v, str) or not v:
         raise JmergeError(f"{where}: expected a path, got {v!r}")
-    return Path(os.path.expandvars(os.path.expanduser(v)))
+    from jmerge.default_model import cache_root
+    return Path(os.path.expandvars(os.path.expanduser(v.replace("{cache}", str(cache_root())))))
 
 
 def _check_keys(d: dict, allowed, where: str) -> None:
