@@ -42,7 +42,6 @@ from jmerge.config import ModelConfig
 from jmerge.errors import JmergeError, collect
 from jmerge.io import hf
 from jmerge.io.atomic import atomic_dir, check_target
-from jmerge.io.safetensors_io import write_file
 from jmerge.plan import Job, MergePlan, load_plan
 
 EMBED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
@@ -316,19 +315,6 @@ def _raise_nonfinite(bad: list[str]) -> None:
     collect([f"{b} has NaN/Inf values" for b in bad], "non-finite input weights; nothing was written")
 
 
-def _shards(items, limit: int) -> list[list]:
-    shards, cur, size = [], [], 0
-    for it in items:
-        nbytes = int(np.prod(it[2], dtype=np.int64)) * it[1].itemsize
-        if cur and size + nbytes > limit:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(it)
-        size += nbytes
-    shards.append(cur)
-    return shards
-
-
 def stream_merge(p: Prepared, out: Path, *, seed: int, force: bool, max_shard_size="5GB",
                  progress: bool = False) -> Path:
     """Tensor by tensor from the input files to the output files."""
@@ -336,7 +322,6 @@ def stream_merge(p: Prepared, out: Path, *, seed: int, force: bool, max_shard_si
     static_names = plan.static_params
     layout = hf.hf_layout(p.out_cfg)
     items = [(n, p.out_dtype, s) for n, s in layout.items()]
-    shards = _shards(items, hf.parse_size(max_shard_size))
     bad: list[str] = []
     bar = hf._bar(len(items), progress, "merge")
     pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -376,17 +361,9 @@ def stream_merge(p: Prepared, out: Path, *, seed: int, force: bool, max_shard_si
     stream = results()
     try:
         with atomic_dir(out, force) as tmp:
-            names = (["model.safetensors"] if len(shards) == 1 else
-                     [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-            for fname, shard in zip(names, shards):
-                write_file(tmp / fname, shard, (next(stream) for _ in shard))
+            hf.write_shards(tmp, items, stream, max_shard_size)
             if bad:
                 _raise_nonfinite(bad)
-            if len(shards) > 1:
-                total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in items)
-                wmap = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                    {"metadata": {"total_size": total, "producer": "jmerge"}, "weight_map": wmap}, indent=2))
             hf.write_config(tmp, p.out_cfg, p.out_dtype)
             p.write_extras(tmp)
     finally:

@@ -316,7 +316,6 @@ def test_disk_full_leaves_nothing(capsys, tmp_path, dirs, monkeypatch, mode):
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("jmerge.merging.write_file", full)
     monkeypatch.setattr("jmerge.io.hf.write_file", full)
     cfg = write_cfg(tmp_path, "slerp", CONFIGS["slerp"], dirs)
     expect_error(capsys, cfg, tmp_path / "out", "disk full", mode)

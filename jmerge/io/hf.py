@@ -192,7 +192,6 @@ def save_hf(params, cfg: ModelConfig, out: str | Path, *, max_shard_size: str | 
             dtype=None, extra_from: str | Path | None = None, force: bool = False,
             progress: bool = False, tokenizer_writer=None) -> Path:
     """Write an HF model directory transformers loads: sharded safetensors + index + config."""
-    limit = parse_size(max_shard_size)
     flat = {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     dtypes = {}
     for path, x in flat.items():
@@ -200,6 +199,29 @@ def save_hf(params, cfg: ModelConfig, out: str | Path, *, max_shard_size: str | 
             dtypes[n] = np.dtype(dtype) if dtype is not None else np.dtype(x.dtype)
     layout = hf_layout(cfg)
     items = [(n, dtypes[n], layout[n]) for n in layout]
+    writer = jax.process_index() == 0
+    bar = _bar(len(items), progress, "save")
+
+    def stream():
+        for _, a in iter_hf_tensors(params, cfg, dtype):
+            bar.update(1)
+            yield a
+
+    with atomic_dir(out, force) as tmp:
+        write_shards(tmp, items, stream(), max_shard_size, write=writer)
+        if writer:
+            write_config(tmp, cfg, items[0][1] if dtype is None else np.dtype(dtype))
+            if extra_from is not None:
+                copy_tokenizer(extra_from, tmp)
+            if tokenizer_writer is not None:
+                tokenizer_writer(tmp)
+    bar.close()
+    return Path(out)
+
+
+def plan_shards(items, limit: int) -> list[list]:
+    """Consecutive groups of (name, dtype, shape) whose bytes stay under `limit` (a tensor larger
+    than the limit gets a shard of its own)."""
     shards, cur, size = [], [], 0
     for it in items:
         nbytes = int(np.prod(it[2], dtype=np.int64)) * it[1].itemsize
@@ -209,38 +231,29 @@ def save_hf(params, cfg: ModelConfig, out: str | Path, *, max_shard_size: str | 
         cur.append(it)
         size += nbytes
     shards.append(cur)
-    total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in items)
-    writer = jax.process_index() == 0
-    tensors = iter_hf_tensors(params, cfg, dtype)
-    bar = _bar(len(items), progress, "save")
+    return shards
 
-    def stream(n):
-        for _ in range(n):
-            t = next(tensors)[1]
-            bar.update(1)
-            yield t
 
-    with atomic_dir(out, force) as tmp:
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        for fname, shard in zip(names, shards):
-            if writer:
-                write_file(tmp / fname, shard, stream(len(shard)))
-            else:
-                for _ in stream(len(shard)):
-                    pass
-        if writer:
-            if len(shards) > 1:
-                wmap = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                    {"metadata": {"total_size": total}, "weight_map": wmap}, indent=2))
-            write_config(tmp, cfg, items[0][1] if dtype is None else np.dtype(dtype))
-            if extra_from is not None:
-                copy_tokenizer(extra_from, tmp)
-            if tokenizer_writer is not None:
-                tokenizer_writer(tmp)
-    bar.close()
-    return Path(out)
+def write_shards(dest: Path, items, arrays: Iterator[np.ndarray], max_shard_size="5GB", *,
+                 write: bool = True) -> None:
+    """HF's sharded safetensors layout in `dest`, pulling `arrays` in `items` order, one tensor in
+    memory at a time; an index when there is more than one file. With write=False the arrays are
+    consumed (every process takes part in gathering them) but nothing is written."""
+    shards = plan_shards(items, parse_size(max_shard_size))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for fname, shard in zip(names, shards):
+        chunk = (next(arrays) for _ in shard)
+        if write:
+            write_file(dest / fname, shard, chunk)
+        else:
+            for _ in chunk:
+                pass
+    if write and len(shards) > 1:
+        total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in items)
+        wmap = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
+        (dest / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total, "producer": "jmerge"}, "weight_map": wmap}, indent=2))
 
 
 def write_config(out: Path, cfg: ModelConfig, dtype: np.dtype) -> None:
