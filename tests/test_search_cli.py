@@ -34,7 +34,7 @@ def setup(tiny_tok_dir, tiny_model_dir, tmp_path_factory):  # noqa: F811
             "sweep": {"alpha": [0.5, 1.0], "beta": [0.5]},
         },
         "eval": {"suites": ["safety", "overrefusal", "domain"], "limit": 4, "max_new_tokens": 4, "batch_size": 4,
-                 "harmful": str(d / "harmful.txt"), "xstest": str(d / "benign.txt"), "domain": str(d / "items.jsonl")},
+                 "harmful": str(d / "harmful.txt"), "benign": str(d / "benign.txt"), "data": str(d), "domain": str(d / "items.jsonl")},
         "out": str(d / "out"),
     }
     return d, cfg

@@ -28,7 +28,7 @@ BASELINES = ("task_arithmetic", "ties", "mergealign")
 TOP = dict(base=None, experts=None, data=None, searches=None, baselines=list(BASELINES), eval={}, out=None,
            max_len=192, seed=0, checkpoint_every=10, dtype="float32", mesh=None)
 EVAL = dict(suites=["safety", "overrefusal", "domain"], limit=64, max_new_tokens=48, batch_size=16,
-            harmful="harmbench", xstest=None, domain=None, data=None)
+            harmful="harmbench", benign=None, domain=None, data=None)
 
 
 @dataclasses.dataclass
@@ -131,7 +131,7 @@ def parse(raw: Any, source: Path | None = None) -> SearchConfig:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise JmergeError(f"{where}.baselines: unknown baseline {b!r}{hint}; known: {', '.join(BASELINES)}")
     ev = _fill(cfg["eval"], EVAL, f"{where}.eval")
-    for k in ("domain", "xstest", "data"):
+    for k in ("domain", "benign", "data"):
         if ev[k] is not None:
             ev[k] = _path(ev[k], f"{where}.eval.{k}")
     return SearchConfig(base=_path(cfg["base"], f"{where}.base"), experts=experts, data=data, searches=searches,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -223,8 +224,16 @@ def evaluate(job: Job, models: list[tuple[str, dict, dict]]) -> dict:
     sets = {}
     if "safety" in ev["suites"]:
         sets["safety"] = S.harmful_prompts(ev["harmful"], ev["data"], limit)
+    over_source = None
     if "overrefusal" in ev["suites"]:
-        xs = P.load_prompts(str(ev["xstest"])) if ev["xstest"] else P.load_xstest(ev["data"])
+        # XSTest's safe prompts when the data is there (dev data, not shipped); else `benign`.
+        data_dir = ev["data"] or os.environ.get("JMERGE_DATA")
+        try:
+            xs, over_source = P.load_xstest(data_dir), "xstest"
+        except JmergeError:
+            if ev["benign"] is None:
+                raise
+            xs, over_source = P.load_prompts(str(ev["benign"])), str(ev["benign"])
         sets["overrefusal"] = S.safe_prompts(xs)[:limit]
     tasks = []
     if "domain" in ev["suites"]:
@@ -244,7 +253,7 @@ def evaluate(job: Job, models: list[tuple[str, dict, dict]]) -> dict:
             suites["domain"] = S.domain(params, rt, tasks)
         entries.append(dict(name=name, path=str(job.out / "models" / _slug(name)) if name.startswith("searched:") else "",
                             info=info, suites=suites))
-    settings = dict(config=str(job.c.source), eval={k: str(v) for k, v in ev.items()},
+    settings = dict(config=str(job.c.source), eval={k: str(v) for k, v in ev.items()}, overrefusal_set=over_source,
                     searches=job.c.searches, data={k: [str(v.path), v.weight] for k, v in job.c.data.items()})
     return dict(created=time.strftime("%Y-%m-%dT%H:%M:%S"), settings=settings, models=entries)
 
