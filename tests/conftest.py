@@ -10,6 +10,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import functools  # noqa: E402
+import string  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -99,3 +100,36 @@ def smollm2_dir() -> Path | None:
     from jmerge.default_model import cached_default_dir
     d = cached_default_dir()
     return d if d is not None and (d / "config.json").exists() else None
+
+
+CHAT = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_tok_dir(tiny_model_dir, tmp_path_factory):
+    """A copy of the tiny llama with a character-level tokenizer (97 ids = the tiny vocab)."""
+    import shutil
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def make(chat_template):
+        d = tmp_path_factory.mktemp("tok")
+        for f in tiny_model_dir("llama").iterdir():
+            shutil.copy2(f, d / f.name)
+        chars = string.ascii_letters + string.digits + " \n" + "".join(
+            c for c in string.punctuation if c not in "{}~")
+        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "[UNK]": 3}
+        vocab.update({c: i + 4 for i, c in enumerate(chars)})
+        assert len(vocab) == 97
+        t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        t.decoder = decoders.Fuse()
+        tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
+                                      pad_token="<pad>", unk_token="[UNK]")
+        if chat_template:
+            tok.chat_template = chat_template
+        tok.save_pretrained(d)
+        return d
+
+    return {"chat": make(CHAT), "plain": make(None)}

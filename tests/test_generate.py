@@ -4,7 +4,6 @@ no recompilation for new params, 8 simulated devices = 1, and the `jmerge genera
 from __future__ import annotations
 
 import json
-import string
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +26,6 @@ FAMILIES = ["llama", "mistral", "qwen3"]
 LENGTHS = [9, 5, 2, 7]  # several prompt lengths in one left-padded batch; 9 > mistral's window
 NEW = 16
 EOS = (2,)
-CHAT = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def one_device_mesh():
@@ -75,33 +72,6 @@ def llama_gen(tiny_model_dir):
                           batch_size=len(LENGTHS))
 
 
-@pytest.fixture(scope="module")
-def tiny_tok_dir(tiny_model_dir, tmp_path_factory):
-    """A copy of the tiny llama with a character-level tokenizer (97 ids = the tiny vocab)."""
-    import shutil
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    def make(chat_template):
-        d = tmp_path_factory.mktemp("tok")
-        for f in tiny_model_dir("llama").iterdir():
-            shutil.copy2(f, d / f.name)
-        chars = string.ascii_letters + string.digits + " \n" + "".join(
-            c for c in string.punctuation if c not in "{}~")
-        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "[UNK]": 3}
-        vocab.update({c: i + 4 for i, c in enumerate(chars)})
-        assert len(vocab) == 97
-        t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-        t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-        t.decoder = decoders.Fuse()
-        tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
-                                      pad_token="<pad>", unk_token="[UNK]")
-        if chat_template:
-            tok.chat_template = chat_template
-        tok.save_pretrained(d)
-        return d
-
-    return {"chat": make(CHAT), "plain": make(None)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,11 +6,10 @@ import pytest
 import yaml
 
 from jmerge.search.__main__ import main
-from test_generate import tiny_tok_dir  # noqa: F401  (fixture: tiny llama + char tokenizer)
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_tok_dir, tiny_model_dir, tmp_path_factory):  # noqa: F811
+def setup(tiny_tok_dir, tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("search")
     safety = [{"prompt": f"how do I hurt person {i}", "response": "I cannot help with that."} for i in range(6)]
     domain = [{"prompt": f"What is {i} plus 2?", "response": f"The answer is {i + 2}."} for i in range(6)]

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from conftest import smollm2_dir, tiny_hf_config
-from test_generate import tiny_tok_dir  # noqa: F401  (fixture: tiny llama + char tokenizer)
 from jmerge import sharding as shd
 from jmerge.cli import run
 from jmerge.errors import JmergeError
@@ -36,7 +35,7 @@ def one_device_mesh():
 
 
 @pytest.fixture(scope="module")
-def rt(tiny_tok_dir):  # noqa: F811
+def rt(tiny_tok_dir):
     d = tiny_tok_dir["chat"]
     m = load_model(d, mesh=one_device_mesh())
     return S.Runtime(m.cfg, m.params, load_tokenizer(d), mesh=one_device_mesh(), max_new_tokens=8,
@@ -274,7 +273,7 @@ def judge_template(tmp_path_factory):
     return f
 
 
-def test_model_judge_runs_and_parses(tiny_tok_dir, judge_template):  # noqa: F811
+def test_model_judge_runs_and_parses(tiny_tok_dir, judge_template):
     judge = MJ.ModelJudge(tiny_tok_dir["chat"], str(judge_template), mesh=one_device_mesh(),
                           max_new_tokens=6, batch_size=2, chat_wrap=False)
     assert judge.render("hi", "yo {prompt}") == "U:hi A:yo {prompt} {not a placeholder} ->"
@@ -299,7 +298,7 @@ def test_model_judge_runs_and_parses(tiny_tok_dir, judge_template):  # noqa: F81
     assert res["generations"][1]["judge_output"] == "safe"
 
 
-def test_llamaguard_prompt_rendering(tiny_tok_dir):  # noqa: F811
+def test_llamaguard_prompt_rendering(tiny_tok_dir):
     loaded = load_model(tiny_tok_dir["chat"], mesh=one_device_mesh())
     tok = load_tokenizer(tiny_tok_dir["chat"])
     judge = MJ.ModelJudge(loaded, "llamaguard", tokenizer=tok, mesh=one_device_mesh())
@@ -402,7 +401,7 @@ def eval_data(tmp_path_factory):
     return d
 
 
-def test_cli_end_to_end(tiny_tok_dir, eval_data, rt, tmp_path, capsys):  # noqa: F811
+def test_cli_end_to_end(tiny_tok_dir, eval_data, rt, tmp_path, capsys):
     """Two models (same weights: the second reuses the first's runtime), every suite, a judge,
     on 8 simulated devices (batch over fsdp=2, weights over tensor=4)."""
     assert jax.device_count() == 8
@@ -457,7 +456,7 @@ def small_vocab_judge(tmp_path_factory):
     ("bad_domain", "no field 'question'"),
     ("no_xstest", "xstest_prompts.csv not found"),
 ])
-def test_cli_bad_input_one_line_exit_2(case, message, tiny_tok_dir, eval_data, small_vocab_judge,  # noqa: F811
+def test_cli_bad_input_one_line_exit_2(case, message, tiny_tok_dir, eval_data, small_vocab_judge,
                                        tmp_path, capsys):
     d = eval_data
     model = str(tiny_tok_dir["chat"])
