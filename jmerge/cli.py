@@ -17,6 +17,7 @@ COMMANDS = {
     "merge": ("jmerge.merge_cli", "merge models as a mergekit YAML describes -> HF dir"),
     "check": ("jmerge.check", "check a merge config and its models before merging"),
     "inspect": ("jmerge.inspect_cli", "task-vector norms, cosines, sign conflicts -> JSON + PNG"),
+    "data": ("jmerge.synth", "synthetic training data: jmerge data synth (refusals, benign answers, finance)"),
     "search": ("jmerge.search.__main__", "search merge coefficients / masks on data, evaluate, report"),
 }
 

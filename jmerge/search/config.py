@@ -132,7 +132,7 @@ def parse(raw: Any, source: Path | None = None) -> SearchConfig:
             raise JmergeError(f"{where}.baselines: unknown baseline {b!r}{hint}; known: {', '.join(BASELINES)}")
     ev = _fill(cfg["eval"], EVAL, f"{where}.eval")
     for k in ("domain", "benign", "data"):
-        if ev[k] is not None:
+        if ev[k] is not None and not (k == "benign" and ev[k] == "builtin"):
             ev[k] = _path(ev[k], f"{where}.eval.{k}")
     return SearchConfig(base=_path(cfg["base"], f"{where}.base"), experts=experts, data=data, searches=searches,
                         baselines=list(cfg["baselines"]), eval=ev, out=_path(cfg["out"], f"{where}.out"),

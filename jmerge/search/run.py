@@ -233,7 +233,7 @@ def evaluate(job: Job, models: list[tuple[str, dict, dict]]) -> dict:
         except JmergeError:
             if ev["benign"] is None:
                 raise
-            xs, over_source = P.load_prompts(str(ev["benign"])), str(ev["benign"])
+            xs, over_source = _benign(ev["benign"]), str(ev["benign"])
         sets["overrefusal"] = S.safe_prompts(xs)[:limit]
     tasks = []
     if "domain" in ev["suites"]:
@@ -256,6 +256,17 @@ def evaluate(job: Job, models: list[tuple[str, dict, dict]]) -> dict:
     settings = dict(config=str(job.c.source), eval={k: str(v) for k, v in ev.items()}, overrefusal_set=over_source,
                     searches=job.c.searches, data={k: [str(v.path), v.weight] for k, v in job.c.data.items()})
     return dict(created=time.strftime("%Y-%m-%dT%H:%M:%S"), settings=settings, models=entries)
+
+
+def _benign(spec) -> list:
+    """`builtin`: the held-out part of the code-generated benign set (jmerge.synth), which the
+    testbed trains on only through its train split; otherwise a prompt file."""
+    from jmerge.eval import prompts as P
+    if spec != "builtin":
+        return P.load_prompts(str(spec))
+    from jmerge.synth import benign_prompts
+    texts = [t for t in benign_prompts() if P.in_test_split(t, 0.2)]
+    return [P.Prompt(text=t, source="benign", id=f"benign:{i}") for i, t in enumerate(texts)]
 
 
 def _slug(name: str) -> str:
