@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 
 def raw_read(files: list[Path]) -> int:

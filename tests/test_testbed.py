@@ -8,7 +8,6 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
-import json
 import re
 import sys
 from pathlib import Path

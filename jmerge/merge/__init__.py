@@ -7,4 +7,4 @@ for _m in pkgutil.iter_modules(__path__):
     if _m.name not in ("registry",) and not _m.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_m.name}")
 
-from jmerge.merge.registry import METHODS, Method, get, register  # noqa: E402,F401
+from jmerge.merge.registry import METHODS, Method, get, register  # noqa: E402,F401  (the public API)
