@@ -103,6 +103,14 @@ def batches(examples: list[Example], batch_size: int, seed: int, epoch: int, pad
         yield collate([examples[i] for i in idx], length, batch_size, pad_id)
 
 
+def endless_batches(examples: list[Example], batch_size: int, seed: int, pad_id: int = 0) -> Iterator[dict]:
+    """`batches` epoch after epoch; epoch e is shuffled by (seed, e), so a run can be replayed."""
+    epoch = 0
+    while True:
+        yield from batches(examples, batch_size, seed, epoch, pad_id)
+        epoch += 1
+
+
 def collate(exs: list[Example], length: int, batch_size: int, pad_id: int = 0) -> dict:
     """Fixed [batch_size, length] arrays; missing rows are all padding (mask 0, no loss)."""
     ids = np.full((batch_size, length), pad_id, np.int32)

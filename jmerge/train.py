@@ -154,11 +154,7 @@ class Trainer:
         self._apply = functools.partial(_apply_update, spec=self.opt_spec)
 
     def batches(self, examples, pad_id: int):
-        """Endless deterministic stream: epoch e shuffled by (seed, e)."""
-        epoch = 0
-        while True:
-            yield from data.batches(examples, self.sft.batch_size, self.sft.seed, epoch, pad_id)
-            epoch += 1
+        return data.endless_batches(examples, self.sft.batch_size, self.sft.seed, pad_id)
 
     def fit(self, examples: list[data.Example], pad_id: int = 0, ckpt_dir: str | Path | None = None,
             progress: bool = True, log: list | None = None):

@@ -49,6 +49,15 @@ def mixed_batch(parts: list[tuple[dict, float]], pad_id: int = 0) -> dict:
     return {k: np.concatenate(v).astype(np.float32 if k == "weight" else np.int32) for k, v in out.items()}
 
 
+def mixed_stream(typed: dict[str, tuple[list[data.Example], float]], batch_size: int, seed: int,
+                 pad_id: int = 0):
+    """One deterministic endless stream per data type, zipped into mixed batches."""
+    its = [(data.endless_batches(exs, batch_size, seed * 1000 + i, pad_id), w)
+           for i, (exs, w) in enumerate(typed.values())]
+    while True:
+        yield mixed_batch([(next(it), w) for it, w in its], pad_id)
+
+
 def _optimizer(spec: SearchSpec):
     sched = optax.warmup_cosine_decay_schedule(0.0, spec.lr, max(spec.warmup, 1), max(spec.steps, spec.warmup + 1)) \
         if spec.warmup else spec.lr
@@ -92,15 +101,7 @@ class GradientSearch:
         return {"theta": self.theta, "opt_state": self.opt_state}
 
     def streams(self, typed: dict[str, tuple[list[data.Example], float]], pad_id: int):
-        """One deterministic endless stream per data type, zipped into mixed batches."""
-        def endless(exs, salt):
-            epoch = 0
-            while True:
-                yield from data.batches(exs, self.spec.batch_size, self.spec.seed * 1000 + salt, epoch, pad_id)
-                epoch += 1
-        its = [(endless(exs, i), w) for i, (exs, w) in enumerate(typed.values())]
-        while True:
-            yield mixed_batch([(next(it), w) for it, w in its], pad_id)
+        return mixed_stream(typed, self.spec.batch_size, self.spec.seed, pad_id)
 
     def fit(self, typed, pad_id=0, ckpt_dir: str | Path | None = None, progress=True, log=None):
         from tqdm.auto import tqdm

@@ -23,7 +23,7 @@ import numpy as np
 from jmerge import data
 from jmerge.errors import JmergeError
 from jmerge.search.config import SearchConfig
-from jmerge.search.gradient import GradientSearch, SearchSpec
+from jmerge.search.gradient import GradientSearch, SearchSpec, mixed_stream
 from jmerge.search.merged import materialise, task_vectors
 from jmerge.search.params import Coefficients, Masks, MethodParams, _paths
 from jmerge.search.population import EvolveSpec, cocktail_weights, evolve, linear_merge
@@ -76,9 +76,7 @@ class Job:
 
     def _fixed_batches(self, n: int, size: int) -> list[dict]:
         typed = {k: v for k, v in self.typed.items() if v[1] > 0}
-        s = GradientSearch.__new__(GradientSearch)
-        s.spec = SearchSpec(batch_size=size, seed=self.c.seed + 17)  # held apart from training order
-        stream = GradientSearch.streams(s, typed, self.pad_id)
+        stream = mixed_stream(typed, size, self.c.seed + 17, self.pad_id)  # apart from training order
         return [next(stream) for _ in range(n)]
 
     def coefficients(self, s: dict) -> None:
