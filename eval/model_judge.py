@@ -118,9 +118,9 @@ class ModelJudge:
     def __init__(self, model, template: str = "llamaguard", *, tokenizer=None, fallback_tokenizer=None,
                  mesh=None, dtype=None, batch_size: int = 16, max_new_tokens: int = 12,
                  chat_wrap: bool | None = None, progress: bool = False, name: str | None = None):
-        from jmerge.generate import (Generator, _split_base, default_eos_ids, has_tokenizer_files,
+        from jmerge.generate import (Generator, default_eos_ids, has_tokenizer_files,
                                      load_tokenizer)
-        from jmerge.io import Loaded, load_model
+        from jmerge.io import Loaded, load_model, split_adapter
 
         if max_new_tokens <= 0:
             raise JmergeError(f"judge max_new_tokens must be > 0, got {max_new_tokens}")
@@ -129,7 +129,7 @@ class ModelJudge:
             loaded, model_dir = model, None
             self.name = name or Path(str(model.source)).name
         else:
-            model_dir = Path(_split_base(str(model)))  # BASE+ADAPTER: the base has the tokenizer
+            model_dir = Path(split_adapter(str(model))[0])  # BASE+ADAPTER: the base has the tokenizer
             if not model_dir.exists():
                 raise JmergeError(f"judge model {model_dir}: no such file or directory")
             self.name = name or Path(str(model)).name

@@ -85,10 +85,10 @@ def locate(ref: str, config_dir: Path) -> str:
 
 
 def open_model(ref: str, config_dir: Path) -> ModelInput:
-    from jmerge.io import GGUFSource, _split_adapter, hf, orbax_io, peft
+    from jmerge.io import GGUFSource, split_adapter, hf, orbax_io, peft
     from jmerge.io.safetensors_io import PICKLE_SUFFIXES, Checkpoint, pickle_message
 
-    path_s, adapter = _split_adapter(locate(ref, config_dir))
+    path_s, adapter = split_adapter(locate(ref, config_dir))
     path = Path(path_s)
     if not path.exists():
         raise JmergeError(f"{ref}: no such file or directory")

@@ -72,8 +72,9 @@ def _model_names(models: list[str]) -> list[str]:
 
 def _tokenizer_for(model: str, chat_template_file, need_chat: bool):
     """The model's tokenizer when it has tokenizer files (None for GGUF: read with the weights)."""
-    from jmerge.generate import _split_base, has_tokenizer_files, load_tokenizer, require_chat_template
-    base = _split_base(model)
+    from jmerge.generate import has_tokenizer_files, load_tokenizer, require_chat_template
+    from jmerge.io import split_adapter
+    base = split_adapter(model)[0]
     if not Path(base).exists():
         raise JmergeError(f"{base}: no such file or directory")
     tok = load_tokenizer(base, None, chat_template_file) if has_tokenizer_files(base) else None
@@ -129,8 +130,8 @@ def main(argv=None) -> int:
 
     from jmerge import sharding as shd
     from jmerge.eval.model_judge import ModelJudge, check_tokenizer_fits
-    from jmerge.generate import _split_base, default_eos_ids, load_tokenizer, require_chat_template
-    from jmerge.io import load_model
+    from jmerge.generate import default_eos_ids, load_tokenizer, require_chat_template
+    from jmerge.io import load_model, split_adapter
     mesh = shd.make_mesh(a.mesh)
 
     judge = None
@@ -154,11 +155,11 @@ def main(argv=None) -> int:
                                  disable=len(a.models) < 2):
         loaded = load_model(model, mesh=mesh, dtype=a.dtype, progress=True)
         if tok is None:
-            tok = load_tokenizer(_split_base(model), loaded.write_tokenizer, a.chat_template)
+            tok = load_tokenizer(split_adapter(model)[0], loaded.write_tokenizer, a.chat_template)
             if need_chat:
                 require_chat_template(tok)
         check_tokenizer_fits(tok, loaded.cfg, model)
-        eos = default_eos_ids(loaded.cfg, tok, _split_base(model))
+        eos = default_eos_ids(loaded.cfg, tok, split_adapter(model)[0])
         shape_key = (loaded.cfg, tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(loaded.params)))
         rt = runtimes.get(shape_key)
         if rt is None:

@@ -405,10 +405,10 @@ def main(argv=None) -> int:
     sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)
 
     from jmerge.eval.prompts import load_prompts
-    from jmerge.io import load_model
+    from jmerge.io import load_model, split_adapter
     prompts = load_prompts(a.prompts, field=a.field)[: a.limit]
     mesh = shd.make_mesh(a.mesh)
-    base = _split_base(a.model)
+    base = split_adapter(a.model)[0]
     # Tokenizer problems (a missing chat template) are reported before the weights are read,
     # except for sources (GGUF) whose tokenizer comes out of the weights file.
     tok = load_tokenizer(base, None, a.chat_template) if has_tokenizer_files(base) else None
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
     tok = tok or load_tokenizer(base, loaded.write_tokenizer, a.chat_template)
     gen = Generator(loaded.cfg, loaded.params, mesh=mesh, tokenizer=tok, max_new_tokens=a.max_new_tokens,
                     sampling=sampling, batch_size=a.batch_size,
-                    eos_ids=default_eos_ids(loaded.cfg, tok, _split_base(a.model)), stop=a.stop,
+                    eos_ids=default_eos_ids(loaded.cfg, tok, split_adapter(a.model)[0]), stop=a.stop,
                     chat_template=not a.no_chat_template, system=a.system, progress=True)
     results = gen.generate([q.text for q in prompts])
 
@@ -437,13 +437,6 @@ def main(argv=None) -> int:
         n = sum(len(c.tokens) for c in results)
         print(f"{len(results)} responses, {n} tokens -> {a.out}", file=sys.stderr)
     return 0
-
-
-def _split_base(model: str) -> str:
-    """The directory whose tokenizer serves a model spec (the base of BASE+ADAPTER)."""
-    if "+" in model and not Path(model).exists():
-        return model.rsplit("+", 1)[0]
-    return model
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ class GGUFSource:
         return self.cache[name]
 
 
-def _split_adapter(src: str) -> tuple[str, str | None]:
+def split_adapter(src: str) -> tuple[str, str | None]:
+    """'BASE+ADAPTER' -> (BASE, ADAPTER); anything else -> (src, None)."""
     if "+" in src and not Path(src).exists():
         base, adapter = src.rsplit("+", 1)
         return base, adapter
@@ -66,7 +67,7 @@ def load_model(src: str | Path, *, mesh: Mesh | None = None, dtype=None, allow_n
     from jmerge.io.safetensors_io import PICKLE_SUFFIXES, Checkpoint, pickle_message
 
     src = str(src)
-    path_s, adapter = _split_adapter(src)
+    path_s, adapter = split_adapter(src)
     path = Path(path_s)
     if not path.exists():
         raise JmergeError(f"{path}: no such file or directory")
