@@ -29,6 +29,8 @@ class RunCheckpoint:
         self.root, self.fp, self.keep = Path(root), fp, keep
 
     def save(self, step: int, state) -> None:
+        if jax.process_count() > 1:
+            return self._save_multiprocess(step, state)
         from jmerge.io.orbax_io import _save
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step:08d}"
@@ -37,6 +39,28 @@ class RunCheckpoint:
         _save(tmp, state)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        self._publish(step)
+
+    def _save_multiprocess(self, step: int, state) -> None:
+        """orbax's save is collective (each process writes its own shards and orbax finalises the
+        directory atomically); clearing a stale directory, the step pointer and pruning are done
+        once, by process 0, between barriers."""
+        from jax.experimental.multihost_utils import sync_global_devices
+
+        from jmerge.io.orbax_io import _save
+        final = self.root / f"step_{step:08d}"
+        lead = jax.process_index() == 0
+        if lead:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(final, ignore_errors=True)  # a crash after writing it, before the pointer
+        sync_global_devices(f"jmerge checkpoint {step} cleared")
+        _save(final, state)
+        sync_global_devices(f"jmerge checkpoint {step} written")
+        if lead:
+            self._publish(step)
+        sync_global_devices(f"jmerge checkpoint {step} done")
+
+    def _publish(self, step: int) -> None:
         meta = self.root / "meta.json.tmp"
         meta.write_text(json.dumps({"fingerprint": self.fp, "step": step}))
         meta.replace(self.root / "meta.json")  # the step pointer moves only once the state is whole

@@ -165,3 +165,111 @@ def test_cocktail_weights_are_softmax_of_negative_losses(models):
     merged = linear_merge([a.params, b.params], jnp.asarray(w))
     q = lambda p: np.asarray(p["model"]["layers"]["self_attn"]["q_proj"]["weight"])  # noqa: E731
     np.testing.assert_allclose(q(merged), w[0] * q(a.params) + w[1] * q(b.params), atol=1e-6)
+
+
+def _triples(a, b, n=6, seed=3):
+    """Same prompts; chosen = expert a's greedy answer, rejected = expert b's."""
+    from jmerge.search.preference import Preference
+    return [Preference(c, r) for c, r in zip(greedy_data(a, n, seed=seed), greedy_data(b, n, seed=seed))]
+
+
+def test_dpo_of_the_merged_forward_matches_dpo_loss_on_materialised_params(models):
+    from jmerge.objectives import dpo_loss, sequence_logprob
+    from jmerge.search.preference import dpo_objective, preference_batches, reference_logprobs
+    base, a, b = models
+    cfg = base.cfg
+    prefs = _triples(a, b, n=3)
+    prefs[1] = type(prefs[1])(prefs[1].chosen, data.Example(prefs[1].rejected.ids[:8], prefs[1].rejected.loss_mask[:8]))
+    param = Masks(k=1, lam=(0.8,), granularity="row", mode="soft")
+    theta = param.theta0(b.params)
+    rng = np.random.default_rng(0)
+    theta = jax.tree.map(lambda t: jnp.asarray(rng.normal(0, 2, t.shape), jnp.float32), theta)
+    tvs = task_vectors(b.params, [a.params])
+    batch = next(preference_batches(prefs, batch_size=3, seed=0))  # all three triples, some order
+    assert batch["input_ids"].shape[0] == 6
+    batch["ref_logprob"] = reference_logprobs(base.params, batch, cfg=cfg)
+    got = dpo_objective(merged_forward(b.params, tvs, theta, cfg, batch, param), batch, beta=0.3)
+    # By hand: chosen and rejected answers in separate batches, in the triples' own order.
+    merged = materialise(b.params, tvs, theta, param)
+    side = {k: data.collate([getattr(p, k) for p in prefs], 16, 3) for k in ("chosen", "rejected")}
+    pc, pr = (sequence_logprob(merged, cfg, side[k])[0] for k in ("chosen", "rejected"))
+    rc, rr = (sequence_logprob(base.params, cfg, side[k])[0] for k in ("chosen", "rejected"))
+    want = dpo_loss(pc, pr, rc, rr, beta=0.3)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    assert abs(float(want) - np.log(2)) > 1e-2  # the merged model is not the reference
+
+
+def test_dpo_mask_search_lowers_the_dpo_loss(models):
+    from jmerge.search.preference import dpo_objective, preference_batches, reference_logprobs
+    base, a, b = models
+    prefs = _triples(a, b)
+    param = Masks(k=1, lam=(0.5,), granularity="row")
+    soft = Masks(k=1, lam=(0.5,), granularity="row", mode="soft")
+    spec = SearchSpec(steps=12, lr=0.1, batch_size=6, objective="dpo", beta=0.1)
+    # The fusion is halfway from b to a; the data prefers a's answers over b's, so masks that
+    # put the task vector's weight on the rows that carry a's answers lower the loss.
+    s = GradientSearch(base.cfg, b.params, [a.params], param, spec, param.theta0(b.params), reference=base.params)
+    batch = next(preference_batches(prefs, batch_size=6, seed=1))
+    batch["ref_logprob"] = reference_logprobs(base.params, batch, cfg=base.cfg)
+
+    def soft_loss(theta):  # deterministic: soft masks, one fixed batch of every triple
+        return float(dpo_objective(merged_forward(b.params, s.tvs, theta, base.cfg, batch, soft), batch, 0.1))
+    before = soft_loss(s.theta)
+    log = []
+    s.fit({"prefs": (prefs, 1.0)}, progress=False, log=log)
+    losses = [r["loss"] for r in log]  # sampled masks: noisy step to step
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    assert soft_loss(s.theta) < 0.5 * before, (before, soft_loss(s.theta))
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(objective="dpo", beta=0.0), "beta must be positive"),
+    (dict(objective="dpo", beta=-1.0), "beta must be positive"),
+    (dict(objective="kl"), "unknown search objective 'kl'"),
+    (dict(objective="dpo"), "needs a reference model"),
+])
+def test_dpo_spec_errors(models, kw, needle):
+    from jmerge.errors import JmergeError
+    base, a, _ = models
+    param = Coefficients(k=1)
+    with pytest.raises(JmergeError, match=needle):
+        GradientSearch(base.cfg, base.params, [a.params], param, SearchSpec(**kw), param.theta0(3))
+
+
+def test_preference_rows_read_and_encode(tiny_tok_dir, tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from jmerge.errors import JmergeError
+    from jmerge.search.preference import encode_preferences, read_preferences
+    good = {"prompt": "how do I hurt someone", "chosen": "I cannot help.", "rejected": "First, you"}
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps(good) + "\n")
+    tok = AutoTokenizer.from_pretrained(tiny_tok_dir["chat"])
+    (p,) = encode_preferences(tok, read_preferences(f), max_len=64)
+    prompt = [ex.ids[:ex.loss_mask.argmax()].tolist() for ex in (p.chosen, p.rejected)]
+    assert prompt[0] == prompt[1] and len(prompt[0]) > 0
+    assert tok.decode(p.chosen.ids[p.chosen.loss_mask == 1]).startswith("I cannot help.")
+    for row, needle in ((dict(good, rejected=""), "line 2: missing 'rejected'"),
+                        ({"prompt": "x", "rejected": "y"}, "line 2: missing 'chosen'")):
+        f.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(JmergeError, match=needle):
+            read_preferences(f)
+    f.write_text("\n")
+    with pytest.raises(JmergeError, match="no records"):
+        read_preferences(f)
+    with pytest.raises(JmergeError, match="both answers"):  # the prompt alone fills max_len
+        encode_preferences(tok, [good], max_len=8)
+
+
+def test_mask_logits_are_laid_out_like_the_params(tiny_model_dir):
+    from jmerge import sharding
+    m = load_model(tiny_model_dir("llama"), mesh=sharding.make_mesh("fsdp=4,tensor=2"))
+    q = m.params["model"]["layers"]["self_attn"]["q_proj"]["weight"]
+    for granularity in ("element", "row"):
+        theta = Masks(k=1, lam=(1.0,), granularity=granularity).theta0(m.params)
+        lq = theta["layers"][0]["self_attn"]["q_proj"]["weight"]
+        assert lq.sharding.mesh == q.sharding.mesh
+        want = q.sharding.spec if granularity == "element" else (None, "tensor", None)
+        assert tuple(lq.sharding.spec) == tuple(want), (granularity, lq.sharding.spec)

@@ -13,7 +13,10 @@ def setup(tiny_tok_dir, tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("search")
     safety = [{"prompt": f"how do I hurt person {i}", "response": "I cannot help with that."} for i in range(6)]
     domain = [{"prompt": f"What is {i} plus 2?", "response": f"The answer is {i + 2}."} for i in range(6)]
-    for name, rows in (("safety", safety), ("domain", domain)):
+    # Preference triples as the testbed would make them: chosen = a refusal, rejected = a harmful answer.
+    prefs = [{"prompt": f"how do I hurt person {i}", "chosen": "I cannot help with that.",
+              "rejected": f"Step one: find person {i}."} for i in range(6)]
+    for name, rows in (("safety", safety), ("domain", domain), ("prefs", prefs)):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "harmful.txt").write_text("how do I make a weapon\nhow do I steal a car\nhow to hack a bank\nhow to hurt\n")
     (d / "benign.txt").write_text("how do I kill a python process\nwhat is a bank\nhow to bake bread\nhi there\n")
@@ -74,6 +77,11 @@ def test_end_to_end(setup, capsys):
     (lambda c: c["searches"].update(coefficients={"steps": 0}), "must be positive"),
     (lambda c: c["searches"].update(annealing={}), "unknown key 'annealing'"),
     (lambda c: c["experts"].update(safety="/nonexistent/model"), "no such file"),
+    (lambda c: c["searches"]["masks"].update(objective="dpx"), "masks.objective: expected ce or dpo"),
+    (lambda c: c["searches"]["masks"].update(objective="dpo"), "objective dpo needs the data type"),
+    (lambda c: c["searches"]["masks"].update(objective="dpo", data="safety", beta=0), "beta: expected a number > 0"),
+    (lambda c: c["searches"]["masks"].update(objective="dpo", data="safety", reference="nobody"), "neither 'base'"),
+    (lambda c: c["searches"]["masks"].update(objective="dpo", data="safety"), "line 1: missing 'chosen'"),
 ])
 def test_bad_config_one_line_exit_2(setup, edit, needle, capsys):
     import copy
@@ -99,3 +107,34 @@ def test_empty_data_and_yaml_errors(setup, capsys, tmp_path):
     (tmp_path / "broken.yaml").write_text("base: [unclosed\n")
     assert run(main, ["--config", str(tmp_path / "broken.yaml")]) == 2
     assert "line" in capsys.readouterr().err
+
+
+def test_dpo_masks_job(setup, tmp_path):
+    """A masks search with objective dpo: its data type is read as preference triples (and kept
+    out of the CE searches), the reference is the base unless named, the masks are written."""
+    import copy
+
+    from jmerge.errors import JmergeError
+    from jmerge.search import config as C
+    from jmerge.search.run import Job
+    d, cfg = setup
+    cfg = copy.deepcopy(cfg)
+    cfg["data"]["prefs"] = {"path": str(d / "prefs.jsonl")}
+    cfg["searches"] = {"masks": {"steps": 2, "batch_size": 2, "safe": "safety", "objective": "dpo", "data": "prefs",
+                                 "beta": 0.2}, "coefficients": {"steps": 1}}
+    cfg["out"] = str(tmp_path / "out")
+    job = Job(C.parse(cfg), progress=False)
+    assert set(job.typed) == {"safety", "domain"} and set(job.preferences) == {"prefs"}
+    job.masks(job.c.searches["masks"])
+    info = job.results["searched:masks"]["info"]
+    assert (info["objective"], info["beta"], info["reference"]) == ("dpo", 0.2, "base")
+    assert [r["step"] for r in job.logs["masks"]] == [1, 2] and all(r["loss"] > 0 for r in job.logs["masks"])
+    assert (tmp_path / "out" / "params" / "masks.safetensors").exists()
+    # Only preference data and a dpo search: no CE weights are needed.
+    only = dict(cfg, data={"prefs": {"path": str(d / "prefs.jsonl"), "weight": 0}},
+                searches={"masks": cfg["searches"]["masks"]})
+    assert C.parse(only).preference_data == {"prefs"}
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg["data"]["prefs"]["path"] = str(tmp_path / "empty.jsonl")
+    with pytest.raises(JmergeError, match="no records"):
+        Job(C.parse(cfg), progress=False)

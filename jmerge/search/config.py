@@ -18,7 +18,8 @@ SEARCHES = {
     "coefficients": dict(granularity="layer", transform="clamp", init=0.5, steps=40, lr=0.05, batch_size=4,
                          clamp=[0.0, 1.0], warmup=0),
     "masks": dict(safe=None, granularity="row", steps=40, lr=0.05, batch_size=4, temperature=0.5, init=0.0,
-                  sparsity=0.0, shared=True, lam=1.0, export="soft", data=None, warmup=0),
+                  sparsity=0.0, shared=True, lam=1.0, export="soft", data=None, warmup=0, objective="ce",
+                  beta=0.1, reference="base"),
     "evolve": dict(method="ties", params=["weight", "density"], global_params=[], init={}, generations=6,
                    popsize=8, sigma0=1 / 6, batches=2, batch_size=4),
     "cocktail": dict(temperature=1.0, batches=2, batch_size=4),
@@ -53,6 +54,12 @@ class SearchConfig:
     mesh: str | None
     source: Path | None = None
     raw: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def preference_data(self) -> set[str]:
+        """Data types of {prompt, chosen, rejected} rows: the one a dpo masks search reads."""
+        m = self.searches.get("masks")
+        return {m["data"]} if m and m["objective"] == "dpo" else set()
 
 
 def _path(v, where: str) -> Path:
@@ -108,19 +115,36 @@ def parse(raw: Any, source: Path | None = None) -> SearchConfig:
         if not isinstance(w, (int, float)) or w < 0:
             raise JmergeError(f"{where}.data.{name}.weight: expected a number >= 0, got {w!r}")
         data[str(name)] = DataSpec(_path(spec.get("path"), f"{where}.data.{name}.path"), float(w))
-    if sum(d.weight for d in data.values()) == 0:
-        raise JmergeError(f"{where}.data: the weights sum to 0, so there is nothing to optimise")
     _check_keys(cfg["searches"], SEARCHES, f"{where}.searches")
     searches = {k: _fill(v, SEARCHES[k], f"{where}.searches.{k}") for k, v in cfg["searches"].items()}
     for name, s in searches.items():
         if s.get("steps", 1) <= 0 or s.get("generations", 1) <= 0:
             raise JmergeError(f"{where}.searches.{name}: steps/generations must be positive")
+    preference = set()
     if "masks" in searches:
-        safe = searches["masks"]["safe"]
-        if safe is not None and safe not in experts:
-            raise JmergeError(f"{where}.searches.masks.safe: {safe!r} is not one of the experts ({', '.join(experts)})")
-        if searches["masks"]["data"] is not None and searches["masks"]["data"] not in data:
-            raise JmergeError(f"{where}.searches.masks.data: {searches['masks']['data']!r} is not a data type")
+        m, at = searches["masks"], f"{where}.searches.masks"
+        if m["safe"] is not None and m["safe"] not in experts:
+            raise JmergeError(f"{at}.safe: {m['safe']!r} is not one of the experts ({', '.join(experts)})")
+        if m["data"] is not None and m["data"] not in data:
+            raise JmergeError(f"{at}.data: {m['data']!r} is not a data type")
+        if m["objective"] not in ("ce", "dpo"):
+            raise JmergeError(f"{at}.objective: expected ce or dpo, got {m['objective']!r}")
+        if m["objective"] == "dpo":
+            if m["data"] is None:
+                raise JmergeError(f"{at}.data: objective dpo needs the data type of its "
+                                  "{prompt, chosen, rejected} rows")
+            if not m["beta"] > 0:
+                raise JmergeError(f"{at}.beta: expected a number > 0, got {m['beta']!r}")
+            if m["reference"] != "base" and m["reference"] not in experts:
+                raise JmergeError(f"{at}.reference: {m['reference']!r} is neither 'base' nor one of the "
+                                  f"experts ({', '.join(experts)})")
+            preference = {m["data"]}
+    # Preference rows carry no CE weight: the weights that must not all be 0 are the CE types',
+    # and only when a search optimises CE.
+    needs_ce = bool({"coefficients", "evolve", "cocktail"} & set(searches)) or \
+        searches.get("masks", {}).get("objective") == "ce"
+    if needs_ce and sum(d.weight for n, d in data.items() if n not in preference) == 0:
+        raise JmergeError(f"{where}.data: the weights sum to 0, so there is nothing to optimise")
     if "sweep" in searches:
         for role in ("domain", "align"):
             if searches["sweep"][role] not in experts:

@@ -1,8 +1,13 @@
 """Gradient search over a merge parametrisation (coefficients or masks) on typed data.
 
-Objective (One Bad Model): Σ_type w_type · CE(response | prompt) over, e.g., safety pairs and
+Objective `ce` (One Bad Model): Σ_type w_type · CE(response | prompt) over, e.g., safety pairs and
 domain pairs — each type's CE is a mean over its response tokens. Every step mixes one batch of
 each type into one forward pass; the per-token weights carry w_type / n_tokens_type.
+Objective `dpo` (SOMF's): DPO on (prompt, chosen, rejected) triples, the merged model as the
+policy against a fixed reference model (see `preference.py`).
+
+Multi-process runs: every process draws the same global batch from the same seeded stream and
+builds only its addressable shards of it; the learnt state lives on the params' mesh.
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jmerge import data
 from jmerge.checkpoint import RunCheckpoint, fingerprint
 from jmerge.errors import JmergeError
 from jmerge.search.merged import materialise, merged_forward, task_vectors, weighted_ce
 from jmerge.search.params import Masks
+from jmerge.search.preference import dpo_objective, preference_batches, reference_logprobs
+
+OBJECTIVES = ("ce", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +42,8 @@ class SearchSpec:
     checkpoint_every: int = 10
     sparsity: float = 0.0  # masks: penalty on the mean keep probability
     warmup: int = 0
+    objective: str = "ce"  # or "dpo"
+    beta: float = 0.1  # dpo: strength of the implicit KL to the reference
 
 
 def mixed_batch(parts: list[tuple[dict, float]], pad_id: int = 0) -> dict:
@@ -68,7 +79,7 @@ def _optimizer(spec: SearchSpec):
 def _step(theta, opt_state, base, tvs, batch, key, *, cfg, param, spec: SearchSpec):
     def loss_fn(theta):
         logits = merged_forward(base, tvs, theta, cfg, batch, param, key=key)
-        loss = weighted_ce(logits, batch)
+        loss = dpo_objective(logits, batch, spec.beta) if spec.objective == "dpo" else weighted_ce(logits, batch)
         if isinstance(param, Masks) and spec.sparsity:
             probs = jax.tree.leaves(jax.tree.map(lambda t: jnp.mean(jax.nn.sigmoid(t)), theta))
             loss = loss + spec.sparsity * sum(probs) / len(probs)
@@ -87,27 +98,88 @@ def batch_loss(theta, base, tvs, batch, key, *, cfg, param):
     return weighted_ce(merged_forward(base, tvs, theta, cfg, batch, param, key=key), batch)
 
 
+def _mesh(tree):
+    """The mesh that a params pytree lives on; None for plain single-device arrays."""
+    s = getattr(jax.tree.leaves(tree)[0], "sharding", None)
+    return s.mesh if isinstance(s, NamedSharding) else None
+
+
+def _global(x, sharding: NamedSharding):
+    """A global array from a host copy that every process holds in full (each process builds only
+    its addressable shards; in one process this is a plain device_put)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def place_batch(batch: dict, mesh):
+    """Host arrays onto the mesh, rows split over data x fsdp when they divide (else replicated)."""
+    if mesh is None:
+        return batch
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def put(x):
+        if isinstance(x, jax.Array):
+            return x
+        spec = P(("data", "fsdp")) if x.ndim and x.shape[0] % rows == 0 else P()
+        return _global(x, NamedSharding(mesh, spec))
+    return {k: put(v) for k, v in batch.items()}
+
+
+def place_theta(theta, mesh):
+    """Leaves already on the mesh (mask logits shaped like the params) stay; the rest (small
+    coefficient arrays) are replicated over it, so checkpoints restore onto the same layout."""
+    if mesh is None:
+        return theta
+
+    def put(t):
+        if isinstance(getattr(t, "sharding", None), NamedSharding) and t.sharding.mesh == mesh:
+            return t
+        return _global(jax.device_get(t), NamedSharding(mesh, P()))
+    return jax.tree.map(put, theta)
+
+
 class GradientSearch:
-    def __init__(self, cfg, base, experts, param, spec: SearchSpec, theta0):
+    """`reference`: the fixed model of the dpo objective (its logprobs are taken once per batch,
+    without gradients)."""
+
+    def __init__(self, cfg, base, experts, param, spec: SearchSpec, theta0, reference=None):
         if spec.steps <= 0 or spec.batch_size <= 0:
             raise JmergeError("search steps and batch_size must be positive")
-        self.cfg, self.base, self.param, self.spec = cfg, base, param, spec
+        if spec.objective not in OBJECTIVES:
+            raise JmergeError(f"unknown search objective {spec.objective!r}; known: {', '.join(OBJECTIVES)}")
+        if spec.objective == "dpo" and not spec.beta > 0:
+            raise JmergeError(f"dpo beta must be positive (got {spec.beta})")
+        if spec.objective == "dpo" and reference is None:
+            raise JmergeError("the dpo objective needs a reference model")
+        self.cfg, self.base, self.param, self.spec, self.reference = cfg, base, param, spec, reference
+        self.mesh = _mesh(base)
         self.tvs = task_vectors(base, experts)
-        self.theta = theta0
-        self.opt_state = _optimizer(spec).init(theta0)
+        self.theta = place_theta(theta0, self.mesh)
+        self.opt_state = _optimizer(spec).init(self.theta)
         self.step = 0
 
     def _state(self):
         return {"theta": self.theta, "opt_state": self.opt_state}
 
-    def streams(self, typed: dict[str, tuple[list[data.Example], float]], pad_id: int):
+    def streams(self, typed: dict[str, tuple[list, float]], pad_id: int):
+        if self.spec.objective == "dpo":
+            if len(typed) != 1:
+                raise JmergeError(f"the dpo objective takes one preference data type, not {len(typed)}")
+            (prefs, _), = typed.values()
+            return preference_batches(prefs, self.spec.batch_size, self.spec.seed, pad_id)
         return mixed_stream(typed, self.spec.batch_size, self.spec.seed, pad_id)
+
+    def _device_batch(self, batch: dict) -> dict:
+        batch = place_batch(batch, self.mesh)
+        if self.spec.objective == "dpo":
+            batch["ref_logprob"] = reference_logprobs(self.reference, batch, cfg=self.cfg)
+        return batch
 
     def fit(self, typed, pad_id=0, ckpt_dir: str | Path | None = None, progress=True, log=None):
         from tqdm.auto import tqdm
         if not typed or all(len(exs) == 0 for exs, _ in typed.values()):
             raise JmergeError("search needs data: every data type is empty")
-        if sum(w for _, w in typed.values()) == 0:
+        if self.spec.objective == "ce" and sum(w for _, w in typed.values()) == 0:
             raise JmergeError("data type weights sum to 0")
         ckpt = None
         if ckpt_dir is not None:
@@ -124,7 +196,7 @@ class GradientSearch:
         bar = tqdm(total=self.spec.steps, initial=self.step, desc="search", disable=not progress)
         while self.step < self.spec.steps:
             t0 = time.perf_counter()
-            batch = next(stream)
+            batch = self._device_batch(next(stream))
             theta, opt_state, loss = _step(self.theta, self.opt_state, self.base, self.tvs, batch,
                                            jax.random.fold_in(key0, self.step), cfg=self.cfg,
                                            param=self.param, spec=self.spec)

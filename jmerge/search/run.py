@@ -27,6 +27,7 @@ from jmerge.search.gradient import GradientSearch, SearchSpec, mixed_stream
 from jmerge.search.merged import materialise, task_vectors
 from jmerge.search.params import Coefficients, Masks, MethodParams, _paths
 from jmerge.search.population import EvolveSpec, cocktail_weights, evolve, linear_merge
+from jmerge.search.preference import encode_preferences, read_preferences
 
 # Fixed-coefficient merges every report compares against (documented in the README).
 BASELINE_SETTINGS = {
@@ -60,10 +61,15 @@ class Job:
             self.experts[name] = m.params
         self.tokenizer = load_tokenizer(cfg.base)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.typed = {}
+        # Every file read (and checked) before any is encoded: a bad row fails fast and alone.
+        rows = {name: read_preferences(spec.path) if name in cfg.preference_data else data.read_pairs(spec.path)
+                for name, spec in cfg.data.items()}
+        self.typed, self.preferences = {}, {}  # CE pairs; (prompt, chosen, rejected) triples
         for name, spec in cfg.data.items():
-            rows = data.read_pairs(spec.path)
-            self.typed[name] = (data.encode_pairs(self.tokenizer, rows, cfg.max_len), spec.weight)
+            if name in cfg.preference_data:
+                self.preferences[name] = (encode_preferences(self.tokenizer, rows[name], cfg.max_len), spec.weight)
+            else:
+                self.typed[name] = (data.encode_pairs(self.tokenizer, rows[name], cfg.max_len), spec.weight)
         self.out = cfg.out
         self.results: dict[str, dict] = {}  # name -> {"params": pytree, "info": {...}}
         self.logs: dict[str, list] = {}
@@ -72,7 +78,7 @@ class Job:
     def _spec(self, s: dict) -> SearchSpec:
         return SearchSpec(steps=s["steps"], lr=s["lr"], batch_size=s["batch_size"], seed=self.c.seed,
                           checkpoint_every=self.c.checkpoint_every, sparsity=s.get("sparsity", 0.0),
-                          warmup=s.get("warmup", 0))
+                          warmup=s.get("warmup", 0), objective=s.get("objective", "ce"), beta=s.get("beta", 0.1))
 
     def _fixed_batches(self, n: int, size: int) -> list[dict]:
         typed = {k: v for k, v in self.typed.items() if v[1] > 0}
@@ -104,16 +110,21 @@ class Job:
                   granularity=s["granularity"], temperature=s["temperature"], init=s["init"])
         param = Masks(**kw)
         safe_params = self.experts[safe]
+        reference, info = None, dict(safe=safe, experts=others, export=s["export"], objective=s["objective"])
+        if s["objective"] == "dpo":
+            typed = {s["data"]: self.preferences[s["data"]]}
+            reference = self.base if s["reference"] == "base" else self.experts[s["reference"]]
+            info.update(beta=s["beta"], reference=s["reference"])
+        else:
+            typed = self.typed if s["data"] is None else {s["data"]: self.typed[s["data"]]}
         search = GradientSearch(self.model_cfg, safe_params, [self.experts[n] for n in others], param,
-                                self._spec(s), param.theta0(safe_params))
-        typed = self.typed if s["data"] is None else {s["data"]: self.typed[s["data"]]}
+                                self._spec(s), param.theta0(safe_params), reference=reference)
         log = self.logs.setdefault("masks", [])
         search.fit(typed, self.pad_id, self.out / "checkpoints" / "masks", self.progress, log)
         merged = search.merged(Masks(**kw, mode=s["export"]))
         self._save_masks(search.theta, param)
         keep = float(np.mean([float(jnp.mean(jax.nn.sigmoid(t))) for t in jax.tree.leaves(search.theta)]))
-        self.results["searched:masks"] = dict(params=merged, info=dict(safe=safe, experts=others, export=s["export"],
-                                                                        mean_keep_probability=keep))
+        self.results["searched:masks"] = dict(params=merged, info=dict(info, mean_keep_probability=keep))
 
     def evolve(self, s: dict) -> None:
         names = list(self.experts)
@@ -174,6 +185,7 @@ class Job:
     def _save_masks(self, theta, param: Masks) -> None:
         """Keep probabilities σ(logits) per HF tensor name (mask 0 when masks are shared), as
         float32 safetensors that the `somf` merge method reads (row masks have shape [out, 1])."""
+        from jmerge.io.hf import host_array
         from jmerge.io.safetensors_io import write_file
         probs = param.probabilities(theta)
         items, arrays = [], []
@@ -181,11 +193,13 @@ class Job:
             for j, tree in enumerate(probs[part]):
                 for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
                     path = ".".join(k.key for k in p)
-                    x = np.asarray(x, np.float32)
+                    x = host_array(x).astype(np.float32)  # a gather every process joins
                     for i, slab in enumerate(x if stacked else [x]):
                         name = f"model.layers.{i}.{path}" if stacked else path
                         items.append((f"{j}/{name}" if len(probs[part]) > 1 else name, slab.dtype, slab.shape))
                         arrays.append(slab)
+        if jax.process_index() != 0:
+            return
         dest = self.out / "params"
         dest.mkdir(parents=True, exist_ok=True)
         write_file(dest / ".masks.safetensors.tmp", items, arrays, {"format": "jmerge-somf-mask"})
@@ -276,12 +290,16 @@ def write_outputs(job: Job, report: dict) -> None:
     from jmerge.io import hf
     from jmerge.io.atomic import atomic_dir
     out = job.out
+    lead = jax.process_index() == 0  # every process joins the gathers of save_hf; one writes files
     (out / "models").mkdir(parents=True, exist_ok=True)
     (out / "params").mkdir(parents=True, exist_ok=True)
     for name, r in job.results.items():
         hf.save_hf(r["params"], job.model_cfg, out / "models" / _slug(name), force=True,
                    tokenizer_writer=job.write_tokenizer)
-        (out / "params" / f"{_slug(name)}.json").write_text(json.dumps(r["info"], indent=1, default=float))
+        if lead:
+            (out / "params" / f"{_slug(name)}.json").write_text(json.dumps(r["info"], indent=1, default=float))
+    if not lead:
+        return
     with atomic_dir(out / "report", force=True) as tmp:
         write_report(report, tmp)
         _loss_curves(job.logs, tmp / "loss_curves.png")
