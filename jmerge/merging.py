@@ -64,8 +64,23 @@ def per_tensor(method, static: tuple, out_dtype, base, models, key, params):
     out = method.fn(base, list(models), key=key if method.random else None, **params, **dict(static))
     out = out.astype(out_dtype)
     inputs = ([base] if base is not None else []) + list(models)
-    finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in inputs])
-    return out, finite
+    return out, all_finite(inputs)
+
+
+def all_finite(xs: list) -> jax.Array:
+    """[whether xs[i] has no NaN/Inf], in one read of all the inputs.
+
+    One variadic reduce: XLA:CPU runs separate single-operand `all` reductions ~10x slower
+    (measured: 84 ms against 6 ms for three 28M-entry bf16 tensors).
+    """
+    xs = [jnp.asarray(x) for x in xs]
+    if len({x.shape for x in xs}) != 1:
+        return jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])
+    flags = [jnp.isfinite(x) for x in xs]
+    flags += [jnp.ones_like(flags[0])] * (len(flags) < 2)  # a lone operand takes the slow path
+    out = jax.lax.reduce(tuple(flags), tuple(jnp.bool_(True) for _ in flags),
+                         lambda a, b: tuple(p & q for p, q in zip(a, b)), tuple(range(xs[0].ndim)))
+    return jnp.stack(out[:len(xs)])
 
 
 @functools.lru_cache(maxsize=None)
@@ -269,15 +284,30 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """np.empty on an `align`-byte boundary. XLA:CPU takes such a host array as it is; numpy's
+    own 16-byte alignment makes every call copy its inputs first (measured: 93 ms against
+    53 ms for a merge of two 28M-entry bf16 tensors)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def read_tensor(m: ModelInput, name: str, dtype: np.dtype | None) -> np.ndarray:
     """One whole tensor, read (not memory-mapped) so that no file pages stay mapped."""
     src = m.source
     if hasattr(src, "read_into"):
-        buf = np.empty(src.shape(name), np.dtype(src.dtype(name)))
+        buf = aligned_empty(src.shape(name), src.dtype(name))
         src.read_into(name, (slice(None),), buf)
     else:
         buf = np.asarray(src.array(name))
-    return buf if dtype is None or buf.dtype == dtype else buf.astype(dtype)
+    if dtype is None or buf.dtype == dtype:
+        return buf
+    out = aligned_empty(buf.shape, dtype)
+    out[...] = buf
+    return out
 
 
 def embedding_inputs(p: Prepared, job: Job) -> dict[str, np.ndarray]:
@@ -325,13 +355,15 @@ def stream_merge(p: Prepared, out: Path, *, seed: int, force: bool, max_shard_si
     bad: list[str] = []
     bar = hf._bar(len(items), progress, "merge")
     pool = concurrent.futures.ThreadPoolExecutor(1)
+    compiled = precompile(p, [p.jobs[n] for n in layout], seed)
 
     def compute(job: Job, xs: list[np.ndarray]):
         dyn, static = job_params(job, static_names, p.masks)
         fn = jitted_tensor_fn(plan.method.name, static, p.out_dtype)
         key = tensor_key(seed, job.out_name) if plan.method.random else None
         base, models = _split(job, xs)
-        return fn(base, models, key, dyn)
+        ready = compiled.get(_signature(static, xs, dyn))
+        return (ready.result() if ready is not None else fn)(base, models, key, dyn)
 
     def finish(job, y, finite):
         y = np.asarray(y)
@@ -368,6 +400,56 @@ def stream_merge(p: Prepared, out: Path, *, seed: int, force: bool, max_shard_si
             p.write_extras(tmp)
     finally:
         pool.shutdown(wait=True)
+        for f in compiled.values():
+            f.cancel()
+    return out
+
+
+def _signature(static: tuple, arrays, dyn: dict):
+    return (static, tuple((tuple(np.shape(x)), np.dtype(x.dtype).name) for x in arrays),
+            jax.tree.structure(dyn))
+
+
+def input_specs(p: Prepared, job: Job) -> list[jax.ShapeDtypeStruct] | None:
+    """Shape and dtype of each array job_inputs will return, from the safetensors headers.
+
+    None where that needs reading: vocabulary-aligned embeddings, and sources other than plain
+    safetensors files (a GGUF source learns a dtype by dequantizing, an adapter adds a delta).
+    """
+    if p.tokenizer is not None and p.tokenizer.changed and job.out_name in EMBED_NAMES:
+        return None
+    refs = ([job.base] if job.base else []) + list(job.models)
+    sources = [p.checked.models[r].source for r in refs]
+    if not all(hasattr(src, "read_into") for src in sources):
+        return None
+    return [jax.ShapeDtypeStruct(tuple(src.shape(n)), p.compute_dtype or np.dtype(src.dtype(n)))
+            for src, n in zip(sources, job.in_names)]
+
+
+def precompile(p: Prepared, jobs: list[Job], seed: int, workers: int = 2) -> dict:
+    """Compile the per-tensor function for every distinct input signature of `jobs`, in the
+    background on `workers` threads, in order of first use: {signature: Future[executable]}.
+
+    XLA compiles one function on one core; streaming would otherwise compile each new shape
+    only when it reaches it, one after the other. A signature predicted wrongly is never looked
+    up (the caller matches the arrays it actually read), so it costs only its compile time.
+    """
+    plan = p.checked.plan
+    ahead = concurrent.futures.ThreadPoolExecutor(workers)
+    out: dict = {}
+    for job in jobs:
+        specs = input_specs(p, job)
+        dyn, static = job_params(job, plan.static_params, p.masks)
+        if specs is None or "mask" in dyn:
+            continue
+        sig = _signature(static, specs, dyn)
+        if sig in out:
+            continue
+        fn = jitted_tensor_fn(plan.method.name, static, p.out_dtype)
+        key = tensor_key(seed, job.out_name) if plan.method.random else None
+        base, models = _split(job, specs)
+        out[sig] = ahead.submit(lambda f=fn, a=(base, models, key, dyn): f.lower(*a).compile())
+    ahead.shutdown(wait=False)
     return out
 
 

@@ -172,6 +172,12 @@ def ensure_mergekit() -> Path:
     return exe
 
 
+def timed_reps(cmd: list[str], env, reps: int) -> tuple[float, float, str]:
+    """timed() `reps` times: (median wall seconds, largest peak RSS, last stderr tail)."""
+    runs = [timed(cmd, env) for _ in range(reps)]
+    return float(np.median([r[0] for r in runs])), max(r[1] for r in runs), runs[-1][2]
+
+
 def timed(cmd: list[str], env=None) -> tuple[float, float, str]:
     """(wall seconds, peak RSS in MB, stderr tail) of one fresh process."""
     full = ["/usr/bin/time", "-v", *cmd]
@@ -184,10 +190,12 @@ def timed(cmd: list[str], env=None) -> tuple[float, float, str]:
     return wall, int(m.group(1)) / 1024 if m else float("nan"), r.stderr[-500:]
 
 
-def compare(a: Path, b: Path) -> tuple[float, str, int]:
+def compare(a: Path, b: Path) -> tuple[float, str, int, float, int]:
+    """(max |a - b|, where, tensors compared, fraction of elements beyond 2 bf16 ulps,
+    elements that differ at all)."""
     from jmerge.io.safetensors_io import Checkpoint
     ca, cb = Checkpoint(a), Checkpoint(b)
-    worst, where, n, big, total = 0.0, "", 0, 0, 0
+    worst, where, n, big, total, differ = 0.0, "", 0, 0, 0, 0
     for name in ca.names():
         if name not in cb.where:
             continue
@@ -197,10 +205,11 @@ def compare(a: Path, b: Path) -> tuple[float, str, int]:
         # more than 2 bf16 ulps of the larger value: not a rounding difference
         big += int((d > 2 * 2.0 ** -8 * np.maximum(np.abs(x), np.abs(y))).sum())
         total += d.size
+        differ += int((x != y).sum())
         n += 1
         if d.max() > worst:
             worst, where = float(d.max()), name
-    return worst, where, n, big / max(total, 1)
+    return worst, where, n, big / max(total, 1), differ
 
 
 # ---------------------------------------------------------------------------- tiny differential
@@ -273,8 +282,9 @@ def tiny_diff(work: Path, mk: Path, methods: list[str]) -> None:
         if r.returncode != 0:
             print(f"{method:18s} jmerge failed: {r.stderr.strip()[-300:]}", flush=True)
             continue
-        worst, where, n, _ = compare(a, b)
-        print(f"{method:18s} max|jmerge - mergekit| = {worst:.3g} over {n} tensors (worst: {where})", flush=True)
+        worst, where, n, _, differ = compare(a, b)
+        print(f"{method:18s} max|jmerge - mergekit| = {worst:.3g} over {n} tensors, {differ} elements "
+              f"differ (worst: {where})", flush=True)
 
 
 def main() -> None:
@@ -282,6 +292,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(CONFIGS))
     ap.add_argument("--modes", nargs="+", default=["stream", "memory"], choices=["stream", "memory"])
     ap.add_argument("--with-1b", action="store_true")
+    ap.add_argument("--reps", type=int, default=1,
+                    help="runs per tool and mode (every tool alike); the median wall time is reported")
     ap.add_argument("--skip-135m", action="store_true")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--compare-only", action="store_true", help="only compare existing outputs")
@@ -322,18 +334,19 @@ def main() -> None:
             if mk is not None:
                 out = work / f"{method}-mergekit"
                 shutil.rmtree(out, ignore_errors=True)
-                res["mergekit"] = timed([str(mk), str(cfg), str(out)], env)
+                res["mergekit"] = timed_reps([str(mk), str(cfg), str(out)], env, args.reps)
             for mode in args.modes:
                 out = work / f"{method}-jmerge-{mode}"
                 flag = "--stream" if mode == "stream" else "--in-memory"
                 cmd = [PY, "-m", "jmerge.merge_cli", str(cfg), str(out), flag, "--force", "-q"]
                 if mode == "stream":  # cold: no persistent XLA cache, everything compiled
-                    res["jmerge stream cold"] = timed(cmd, dict(env, JMERGE_NO_COMPILE_CACHE="1"))
+                    res["jmerge stream cold"] = timed_reps(cmd, dict(env, JMERGE_NO_COMPILE_CACHE="1"),
+                                                           args.reps)
                 timed(cmd, env)  # fills the persistent compile cache
-                res[f"jmerge {mode}"] = timed(cmd, env)
+                res[f"jmerge {mode}"] = timed_reps(cmd, env, args.reps)
             diff = ""
             if mk is not None and method in DETERMINISTIC:
-                worst, where, n, frac = compare(work / f"{method}-mergekit", work / f"{method}-jmerge-{args.modes[0]}")
+                worst, where, n, frac, _ = compare(work / f"{method}-mergekit", work / f"{method}-jmerge-{args.modes[0]}")
                 diff = f"max|diff| {worst:.3g} ({where}, {n} tensors), {frac:.2e} of elements beyond 2 bf16 ulps"
             for tool, (wall, rss, _) in res.items():
                 base = res.get("mergekit")

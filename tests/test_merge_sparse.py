@@ -6,6 +6,7 @@ uses jax.random.bernoulli(fold_in(key, i), p, shape); everything after the draw 
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -208,6 +209,135 @@ def test_global_count_pair_handles_counts_beyond_int32():
         hi, lo = (total >> 16) - 1, (total & 0xFFFF) + 0x10000
         got = sp._pair_ge(jnp.int32(hi), jnp.int32(lo), jnp.int32(k >> 16), jnp.int32(k & 0xFFFF))
         assert bool(got) == (total >= k), (total, k)
+
+
+# ---- the multi-way search equals plain bisection ------------------------------------------
+
+def bisect_kth_bits(x, k):
+    """The previous selection, kept as the reference: 32 bisection steps on the |x| bit patterns
+    over [0, +inf], each counting #{bits >= t} over the whole array."""
+    u = np.abs(x.astype(np.float32)).view(np.uint32).ravel()
+    lo, hi = 0, 0x7F800000 + 1
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        if int((u >= mid).sum()) >= k:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def bisect_topk_mask(x, k):
+    """Reference mask: above the k-th largest, then ties by a cumulative count (lowest index)."""
+    u = np.abs(x.astype(np.float32)).view(np.uint32).ravel()
+    t = bisect_kth_bits(x, max(k, 1))
+    above, tie = u > t, u == t
+    keep = above | (tie & (np.cumsum(tie) <= k - above.sum()))
+    return keep.reshape(x.shape)
+
+
+def _search_cases(shape):
+    n = int(np.prod(shape))
+    r = np.random.default_rng(n)
+    g = r.standard_normal(n).astype(np.float32)
+    b = r.standard_normal(n).astype(np.float32)
+    bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)  # noqa: E731
+    misleading = g.copy()
+    misleading[::sp._sample_stride(n)] = 5.0  # the strided sample sees only 5.0
+    extremes = np.where(r.random(n) < 0.2, np.float32(np.inf), g)
+    extremes[r.random(n) < 0.2] = -np.finfo(np.float32).max
+    extremes[r.random(n) < 0.2] = -np.inf
+    denormal = np.where(r.random(n) < 0.5, g * np.float32(1e-40), np.float32(0.0))
+    denormal[r.random(n) < 0.3] = -0.0
+    cases = {
+        "gaussian": g,
+        "tie-heavy": np.round(g * 3),
+        "bf16 deltas": bf16(b + 0.05 * g) - bf16(b),
+        "all equal": np.full(n, -2.5, np.float32),
+        "zeros": np.where(r.random(n) < 0.5, np.float32(0.0), np.float32(-0.0)),
+        "denormal": denormal,
+        "inf and max": extremes,
+        "misleading sample": misleading,
+    }
+    return {name: x.reshape(shape).astype(np.float32) for name, x in cases.items()}
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 17), (37, 541)])
+def test_search_equals_bisection(shape):
+    n = int(np.prod(shape))
+    r = np.random.default_rng(7)
+    for name, x in _search_cases(shape).items():
+        ks = sorted({0, 1, min(2, n), n // 3, n // 2, n - 1, n, *r.integers(0, n + 1, 3).tolist()})
+        for k in ks:
+            mask = np.asarray(_topk_jit()(jnp.asarray(x), jnp.int32(k)))
+            np.testing.assert_array_equal(mask, bisect_topk_mask(x, k), err_msg=f"{name} k={k}")
+            if k >= 1:
+                got = np.asarray(_kth_jit()(jnp.asarray(x), jnp.int32(k)))
+                assert got.view(np.uint32) == bisect_kth_bits(x, k), (name, k)
+
+
+def test_search_on_a_model_base_pair_equals_the_difference():
+    r = np.random.default_rng(3)
+    base = jnp.asarray(r.standard_normal((37, 541)), jnp.bfloat16)
+    model = jnp.asarray(np.asarray(base, np.float32) + 0.05 * r.standard_normal((37, 541)),
+                        jnp.bfloat16)
+    delta = np.asarray(model, np.float32) - np.asarray(base, np.float32)
+    pair = jax.jit(lambda m, b, k: sp.topk_mask_k((m, b), k))
+    for k in (1, 5000, 10008, 20016):
+        np.testing.assert_array_equal(np.asarray(pair(model, base, jnp.int32(k))),
+                                      bisect_topk_mask(delta, k))
+    got = np.asarray(sp.magnitude((model, base), 0.3, True))
+    close(got, np_magnitude(delta, 0.3, True))
+
+
+# ---- arcee_fusion's KL, evaluated without float32 cancellation ----------------------------
+
+def np_kl_rows(theta, base, eps=1e-8):
+    """mergekit's formula in float64: sum (p + eps) log((p + eps) / (q + eps)) per row."""
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    p = softmax(np.asarray(theta, np.float64)) + eps
+    q = softmax(np.asarray(base, np.float64)) + eps
+    return (p * np.log(p / q)).sum(-1, keepdims=True)
+
+
+def np_kl_rows_float32(theta, base, eps=np.float32(1e-8)):
+    """The same formula evaluated plainly in float32 (as PyTorch and XLA both do)."""
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    p, q = softmax(theta) + eps, softmax(base) + eps
+    return (p * np.log(p / q)).sum(-1, keepdims=True)
+
+
+def test_arcee_kl_closed_form():
+    from jmerge.merge.arcee_fusion import kl_rows
+    # softmax([ln 3, 0]) = [3/4, 1/4] against [1/2, 1/2]; no cancellation, float32 is exact enough
+    eps = 1e-8
+    want = sum((a + eps) * math.log((a + eps) / (0.5 + eps)) for a in (0.75, 0.25))
+    got = float(kl_rows(jnp.array([math.log(3.0), 0.0]), jnp.zeros(2))[0])
+    assert abs(got - want) <= 1e-6 * want
+    # far apart (|log p/q| >= 1), an underflowing softmax entry, one-entry rows
+    theta = np.array([[5.0, -5.0, 0.0], [0.0, -190.0, 3.0], [1.0, 1.0, 1.0]], np.float32)
+    base = np.array([[0.0, 0.0, 0.0], [0.0, -200.0, 3.0], [1.0, 1.0, 1.0]], np.float32)
+    np.testing.assert_allclose(np.asarray(kl_rows(theta, base)), np_kl_rows(theta, base),
+                               rtol=1e-5, atol=1e-12)
+    assert float(kl_rows(jnp.ones((1, 1)), jnp.zeros((1, 1)))[0, 0]) == 0.0
+
+
+def test_arcee_kl_exact_where_plain_float32_cancels():
+    """A fine-tune's rows give p ~ q: the terms of sum p log(p/q) cancel to ~1e-9 of their size,
+    so plain float32 carries ~1e-2..10x relative error (and XLA and PyTorch round differently,
+    which is what made jmerge and mergekit keep different entries at the outlier threshold)."""
+    from jmerge.merge.arcee_fusion import kl_rows
+    cols = np.arange(576, dtype=np.float32)
+    base = (0.02 * np.sin(np.outer([1.0, 2.0, 3.0], cols) / 7)).astype(np.float32)
+    theta = (base + 1e-4 * np.cos(np.outer([5.0, 1.0, 0.5], cols) / 3)).astype(np.float32)
+    want = np_kl_rows(theta, base)
+    rel = lambda got: np.max(np.abs(np.asarray(got, np.float64) - want) / want)  # noqa: E731
+    assert rel(kl_rows(jnp.asarray(theta), jnp.asarray(base))) < 1e-5
+    assert rel(np_kl_rows_float32(theta, base)) > 1e-2  # what the plain formula gives
 
 
 # ---- sparsifiers on their own ---------------------------------------------------------------

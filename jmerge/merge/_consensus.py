@@ -98,11 +98,14 @@ Sparsifier = Callable[[jax.Array, int, dict, Any], jax.Array]
 
 def gta_merge(method: str, base: jax.Array, models: Sequence[jax.Array], params: dict,
               defaults: tuple[dict, dict], *, sparsify: Sparsifier | None = None,
-              consensus: bool = False, key: jax.Array | None = None) -> jax.Array:
+              consensus: bool = False, key: jax.Array | None = None,
+              tv_as_pair: bool = False) -> jax.Array:
     """Generalized task arithmetic over one tensor; returns base's dtype.
 
     `sparsify(tv, i, p, key_i)` trims model i's task vector; p holds the per-model parameters as
-    lists and the global ones as scalars. Model i's randomness is fold_in(key, i).
+    lists and the global ones as scalars. Model i's randomness is fold_in(key, i). With
+    `tv_as_pair`, tv is passed as the pair (model_i, base), for a sparsifier that reads it in
+    several passes and recomputes the float32 difference in each (see _sparsify.TaskVector).
     """
     if base is None:
         raise JmergeError(f"{method}: a base model is required")
@@ -117,7 +120,7 @@ def gta_merge(method: str, base: jax.Array, models: Sequence[jax.Array], params:
         tv = jnp.asarray(m).astype(F32) - b
         if sparsify is not None:
             key_i = None if key is None else jax.random.fold_in(key, i)
-            tv = sparsify(tv, i, p, key_i)
+            tv = sparsify((jnp.asarray(m), jnp.asarray(base)) if tv_as_pair else tv, i, p, key_i)
         deltas.append(tv)
     mixed = combine(deltas, p["weight"], consensus=consensus, normalize=p["normalize"],
                     lam=p["lambda"])

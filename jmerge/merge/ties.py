@@ -15,4 +15,5 @@ def trim(tv, i, p, key):
 def ties(base, models, *, key=None, **params):
     """Trim each task vector to its top-`density` magnitudes (per tensor, exactly k kept), elect
     the sign of sum_i w_i tau_i, take the disjoint weighted mean, scale by lambda."""
-    return gta_merge("ties", base, models, params, PARAMS, sparsify=trim, consensus=True)
+    return gta_merge("ties", base, models, params, PARAMS, sparsify=trim, consensus=True,
+                     tv_as_pair=True)
