@@ -499,14 +499,19 @@ def group_params(p: Prepared, g: Group, seed: int):
     return params, keys
 
 
-def over_layers(call, mesh: Mesh, n: int, args):
+def over_layers(call, mesh: Mesh, n: int, args, elementwise: bool = False):
     """call mapped over the leading (layer) axis of args, one layer at a time.
 
     Not vmap: XLA orders a reduction over a batched [n, ...] tensor differently from one over a
     single tensor, and the streaming mode must produce the same bits. The loop body has the
     shapes of one tensor; when the mesh divides the layers, each device loops over its own.
+    An elementwise method has no float reduction to reorder (its finiteness flags are a logical
+    AND), so it is vmapped: one pass over the stacked leaf instead of n small ones (7x faster
+    on CPU, far fewer kernel launches on GPU).
     """
     def local(args):
+        if elementwise:
+            return jax.vmap(lambda a: call(*a))(args)
         return jax.lax.map(lambda a: call(*a), args)
 
     axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
@@ -545,7 +550,7 @@ def memory_fn(p: Prepared, groups: list[Group], mesh: Mesh):
                 n = len(g.names)
                 xs = [_get(inputs[ref]["layers"], g.path[2:])[a:a + n] for ref, a in zip(refs, g.starts)]
                 base, models = (xs[0], xs[1:]) if g.base else (None, xs)
-                y, fin = over_layers(call, mesh, n, (base, models, key, prm))
+                y, fin = over_layers(call, mesh, n, (base, models, key, prm), method.elementwise)
             else:
                 xs = [inputs[ref]["named"][g.names[0]] for ref in refs]
                 base, models = (xs[0], xs[1:]) if g.base else (None, xs)

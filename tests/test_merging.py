@@ -16,6 +16,22 @@ from jmerge.io.safetensors_io import Checkpoint
 from jmerge.merging import merge
 
 CONFIGS = {
+    "task_arithmetic": """
+models:
+  - model: {m1}
+    parameters: {{weight: [1, 0.2]}}
+  - model: {m2}
+    parameters: {{weight: [{{filter: mlp, value: 0.3}}, {{value: 0.5}}]}}
+merge_method: task_arithmetic
+base_model: {m0}
+parameters: {{lambda: 0.9}}
+""",
+    "linear": """
+models:
+  - {{model: {m1}, parameters: {{weight: [0.2, 1]}}}}
+  - {{model: {m2}, parameters: {{weight: 0.5}}}}
+merge_method: linear
+""",
     "ties": """
 models:
   - model: {m1}
@@ -98,7 +114,7 @@ def same(a, b):
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "slerp"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "slerp", "task_arithmetic", "linear"])
 def test_stream_and_memory_bit_identical(work, dirs, method):
     assert same(merged(work, dirs, method, "stream"), merged(work, dirs, method, "memory"))
 

@@ -5,7 +5,7 @@ from jmerge.merge.registry import register
 
 
 @register("mergealign", global_params={"alpha": 0.5, "beta": 0.5}, base="required",
-          min_models=2, max_models=2)
+          min_models=2, max_models=2, elementwise=True)
 def mergealign(base, models, *, key=None, alpha=0.5, beta=0.5):
     """θ = θ_base + α·(θ_domain − θ_base) + β·(θ_instruct − θ_base).
 

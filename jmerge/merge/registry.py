@@ -33,16 +33,19 @@ class Method:
     min_models: int = 1
     max_models: int | None = None
     doc: str = ""
+    # Each output element depends only on the same element of the inputs (no reduction over the
+    # tensor): the engine may then merge all layers of a leaf in one batched call, same bits.
+    elementwise: bool = False
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, model_params=None, global_params=None, base="required", random=False,
-             min_models=1, max_models=None):
+             min_models=1, max_models=None, elementwise=False):
     def wrap(fn):
         METHODS[name] = Method(name, fn, dict(model_params or {}), dict(global_params or {}), base,
-                               random, min_models, max_models, (fn.__doc__ or "").strip())
+                               random, min_models, max_models, (fn.__doc__ or "").strip(), elementwise)
         return fn
     return wrap
 
