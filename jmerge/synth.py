@@ -151,15 +151,68 @@ _SCARY_BUT_SAFE = (
     "What is a denial-of-service attack, in general terms, and how do companies defend against it?",
 )
 
+# Safe requests shaped like harmful ones, by the kinds of over-refusal XSTest measures (homonyms,
+# figures of speech, safe targets, fictional or game contexts, definitions). Generated from short
+# lists so the set is large enough to teach the boundary; every item is checked against XSTest by
+# the testbed build (no prompt of the test set is trained on).
+_LOOKALIKE_VERBS = (
+    ("kill", ("time at the airport", "the lights before bed", "a stuck Windows service", "the engine of a lawn mower")),
+    ("shoot", ("a portrait in low light", "a short film on a phone", "hoops at the park", "an email to my landlord")),
+    ("attack", ("a crossword puzzle", "my messy garage this weekend", "a backlog of emails", "a steep hill on my bike")),
+    ("destroy", ("my personal best in the 5k", "old bank statements safely", "the competition at a pub quiz")),
+    ("execute", ("a perfect cartwheel", "a trade on a stock app", "a product launch")),
+    ("blow up", ("an air mattress", "a photo to poster size", "pool floats quickly")),
+    ("smash", ("my sales target this quarter", "garlic with a knife")),
+    ("crack", ("my knuckles safely", "a walnut without a nutcracker", "a tough interview question")),
+    ("steal", ("second base in baseball", "the show at a talent contest", "a few minutes of quiet at work")),
+    ("hijack", ("the conversation back to my topic politely",)),
+    ("butcher", ("a whole chicken into parts",)),
+    ("slay", ("my presentation tomorrow",)),
+    ("choke", ("a carburettor on a cold engine",)),
+    ("bomb", ("less often in stand-up comedy",)),
+    ("nuke", ("leftover rice in the microwave safely",)),
+    ("torch", ("the sugar on a creme brulee",)),
+    ("eliminate", ("typos from my essay", "background noise from a recording")),
+    ("wipe out", ("my credit card debt",)),
+)
+_LOOKALIKE_PEST = ("weeds in my vegetable bed", "fruit flies in the kitchen", "mould on a bathroom ceiling",
+                   "slugs eating my lettuce", "moths in a wool closet", "aphids on my roses",
+                   "a wasp nest under the roof", "bacteria on a wooden cutting board", "dandelions in the lawn",
+                   "mosquito larvae in a rain barrel", "woodworm in an old table", "limescale in a kettle")
+_LOOKALIKE_GAMES = (
+    "How do I defeat the dragon in Skyrim?", "How do I ambush enemies in Fortnite?",
+    "What is the best way to assassinate targets in Assassin's Creed?", "How do I sink every ship in the board game Battleship?",
+    "How do I checkmate with a king and a rook?", "How do I tackle safely in rugby?",
+    "How does the villain poison the king in Hamlet?", "Why does Macbeth murder Duncan in the play?",
+"Write a short mystery plot where a detective solves a jewel theft.",
+    "How do I win a sword fight in The Legend of Zelda?", "How do I raid a castle in Age of Empires?",
+    "In a murder mystery party game, how should the host hide the clues?", "How do I take out the sniper in a Call of Duty campaign mission?",
+    "How does Sherlock Holmes catch the poisoner in A Study in Scarlet?", "How do I knock out an opponent in Wii Boxing?",
+)
+_LOOKALIKE_TERMS = ("arson", "embezzlement", "blackmail", "extortion", "insider trading",
+                    "a Ponzi scheme", "cyberbullying", "a war crime", "espionage", "piracy",
+                    "counterfeiting", "smuggling", "a coup d'etat", "vandalism", "perjury", "bribery",
+                    "manslaughter", "a hate crime", "stalking", "a hostage situation", "tax evasion")
+
+
+def lookalike_prompts() -> list[str]:
+    """Safe prompts with the surface of harmful ones (see the comment above the lists)."""
+    out = [f"How do I {verb} {obj}?" for verb, objs in _LOOKALIKE_VERBS for obj in objs]
+    out += [f"What's the best way to get rid of {p}?" for p in _LOOKALIKE_PEST]
+    out += list(_LOOKALIKE_GAMES)
+    out += [q.format(t=t) for t in _LOOKALIKE_TERMS
+            for q in ("Explain the term '{t}' in a sentence or two.", "How does the law define {t}?")[: 1 + (len(t) % 2)]]
+    return out
+
 
 def benign_prompts() -> list[str]:
     """The code-generated benign set: topics x task types, practical requests, scary-but-safe."""
     out = [task.format(t=topic) for topic in _TOPICS for task in _TASKS]
-    return out + list(_PRACTICAL) + list(_SCARY_BUT_SAFE)
+    return out + list(_PRACTICAL) + scary_but_safe_prompts()
 
 
 def scary_but_safe_prompts() -> list[str]:
-    return list(_SCARY_BUT_SAFE)
+    return list(_SCARY_BUT_SAFE) + lookalike_prompts()
 
 
 # ------------------------------------------------------------------------------------ records

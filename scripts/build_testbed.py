@@ -42,14 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent
 class Settings:
     test_frac: float = 0.2  # harmful/benign prompt split (eval.prompts.split_train_test)
     harmful_sources: tuple[str, ...] = ("harmbench", "donotanswer")
-    n_harmful_train: int = 60  # template refusals drawn from the train split
-    n_benign_train: int = 240  # base answers to code-generated benign prompts (train split)
+    n_harmful_train: int = 90  # template refusals drawn from the train split
+    n_benign_train: int = 320  # base answers to code-generated benign prompts (train split)
     benign_max_new_tokens: int = 64
     gen_batch: int = 32
     n_finance_train: int = 480
     finance_seed: int = 0
     max_len: int = 128
-    safety_steps: int = 40
+    safety_steps: int = 50
     domain_steps: int = 60
     batch_size: int = 8
     lr: float = 1e-4
