@@ -100,3 +100,18 @@ def test_peft_adapter_adds_scaled_dense_delta(tiny_model_dir, tmp_path):
     # An adapter dir alone works when given its base.
     again = load_model(tmp_path / "ad", base=base_dir)
     np.testing.assert_array_equal(np.asarray(again.params["model"]["layers"]["self_attn"]["q_proj"]["weight"][1]), q1)
+
+
+def test_run_checkpoint_under_a_relative_path(tmp_path, monkeypatch):
+    """Search configs name their output relative to the working directory (`out: out/demo`);
+    orbax refuses relative paths, so the checkpoint must make them absolute."""
+    import jax.numpy as jnp
+
+    from jmerge.checkpoint import RunCheckpoint
+    monkeypatch.chdir(tmp_path)
+    state = {"theta": jnp.arange(6.0).reshape(2, 3), "step_scale": jnp.float32(0.5)}
+    ck = RunCheckpoint("out/run/checkpoints", "fp")
+    ck.save(3, state)
+    step, back = ck.restore(state)
+    assert step == 3 and (tmp_path / "out/run/checkpoints/step_00000003").is_dir()
+    np.testing.assert_array_equal(np.asarray(back["theta"]), np.asarray(state["theta"]))

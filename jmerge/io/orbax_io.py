@@ -24,9 +24,23 @@ except ImportError:
     import orbax.checkpoint.experimental.v1 as ocp
 
 # orbax 0.12.8 renamed save_pytree/load_pytree/pytree_metadata to save/load/metadata.
-_save = getattr(ocp, "save", None) or ocp.save_pytree
-_load = getattr(ocp, "load", None) or ocp.load_pytree
-_metadata = getattr(ocp, "metadata", None) or ocp.pytree_metadata
+_ocp_save = getattr(ocp, "save", None) or ocp.save_pytree
+_ocp_load = getattr(ocp, "load", None) or ocp.load_pytree
+_ocp_metadata = getattr(ocp, "metadata", None) or ocp.pytree_metadata
+
+
+# orbax refuses relative paths (in a background thread, after the save has started), and a
+# config's `out: out/demo` is relative: every path is made absolute here.
+def _save(path, tree):
+    return _ocp_save(Path(path).absolute(), tree)
+
+
+def _load(path, *args, **kw):
+    return _ocp_load(Path(path).absolute(), *args, **kw)
+
+
+def _metadata(path, *args, **kw):
+    return _ocp_metadata(Path(path).absolute(), *args, **kw)
 
 
 def is_orbax_dir(path: str | Path) -> bool:
