@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from jmerge import data
+from jmerge import sharding as shd
 from jmerge.checkpoint import RunCheckpoint, fingerprint
 from jmerge.errors import JmergeError
 from jmerge.search.merged import materialise, merged_forward, task_vectors, weighted_ce
@@ -120,8 +121,8 @@ def place_batch(batch: dict, mesh):
     def put(x):
         if isinstance(x, jax.Array):
             return x
-        spec = P(("data", "fsdp")) if x.ndim and x.shape[0] % rows == 0 else P()
-        return _global(x, NamedSharding(mesh, spec))
+        split = x.ndim and x.shape[0] % rows == 0
+        return _global(x, shd.batch_sharding(mesh, x.ndim) if split else shd.replicated(mesh))
     return {k: put(v) for k, v in batch.items()}
 
 
@@ -134,7 +135,7 @@ def place_theta(theta, mesh):
     def put(t):
         if isinstance(getattr(t, "sharding", None), NamedSharding) and t.sharding.mesh == mesh:
             return t
-        return _global(jax.device_get(t), NamedSharding(mesh, P()))
+        return _global(jax.device_get(t), shd.replicated(mesh))
     return jax.tree.map(put, theta)
 
 
