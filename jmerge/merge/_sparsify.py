@@ -71,7 +71,21 @@ def _shape(tv: TaskVector) -> tuple[int, ...]:
 
 
 def _keys(tv: TaskVector) -> jax.Array:
-    return abs_bits(value(tv)).reshape(-1)
+    """The magnitude keys in the tensor's own shape.
+
+    Never reshaped to 1-D on the way to an elementwise result: inside a fusion XLA:CPU turns a
+    reshape into a div/mod per entry (the keep mask of a 576x1536 tensor took 8x as long).
+    """
+    return abs_bits(value(tv))
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """The row-major flat index of every entry, built in `shape` from iotas (no reshape)."""
+    idx, stride = jnp.zeros(shape, jnp.int32), 1
+    for d in reversed(range(len(shape))):
+        idx = idx + lax.broadcasted_iota(jnp.int32, shape, d) * stride
+        stride *= shape[d]
+    return idx
 
 
 def _sum_each(terms: Sequence[jax.Array], axes: tuple[int, ...]) -> list[jax.Array]:
@@ -88,9 +102,9 @@ def _sum_each(terms: Sequence[jax.Array], axes: tuple[int, ...]) -> list[jax.Arr
 
 
 def _count_ge(u: jax.Array, ts: jax.Array) -> jax.Array:
-    """[#{u >= ts[i]}] as int32, for a flat u and a short vector ts, in one read of u."""
+    """[#{u >= ts[i]}] as int32, for any-shaped u and a short vector ts, in one read of u."""
     return jnp.stack(_sum_each([(u >= ts[i]).astype(jnp.int32) for i in range(ts.shape[0])],
-                               (0,)))
+                               tuple(range(u.ndim))))
 
 
 def _even_splits(lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -166,7 +180,7 @@ def _kth_bits(tv: TaskVector, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     n = int(np.prod(_shape(tv)))
     # Behind a barrier, XLA cannot merge these keys with the caller's use of the same values
     # into one stored array: the strided slice computes only the sampled entries.
-    sample = jnp.sort(_keys(lax.optimization_barrier(tv))[::_sample_stride(n)])
+    sample = jnp.sort(_keys(lax.optimization_barrier(tv)).reshape(-1)[::_sample_stride(n)])
 
     def count(ts, i):
         # Tied to the pass index, so XLA cannot hoist the keys out of the loop as one stored
@@ -177,8 +191,12 @@ def _kth_bits(tv: TaskVector, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     return _search(count, lambda c: c >= k, _guided(sample, k), jnp.int32(n), jnp.int32(0))
 
 
-def _row_width(n: int) -> int:
-    """Largest divisor of n up to _ROW: the flat tensor viewed as [n / width, width]."""
+def _row_width(shape: tuple[int, ...]) -> int:
+    """The width of the [n / width, width] view of a tensor: its own rows when it is 2-D (no
+    reshape, see _keys), else the largest divisor of n up to _ROW."""
+    if len(shape) == 2:
+        return shape[1]
+    n = int(np.prod(shape))
     return next(c for c in range(min(n, _ROW), 0, -1) if n % c == 0)
 
 
@@ -190,7 +208,7 @@ def _tie_cut(tv: TaskVector, t: jax.Array, k: jax.Array) -> jax.Array:
     single row of the tensor (no cumulative sum over the tensor).
     """
     n = int(np.prod(_shape(tv)))
-    width = _row_width(n)
+    width = _row_width(_shape(tv))
     rows = _keys(tv).reshape(n // width, width)
     ties_per_row, above_per_row = _sum_each(
         [(rows == t).astype(jnp.int32), (rows > t).astype(jnp.int32)], (1,))
@@ -228,8 +246,7 @@ def _topk_cut(tv: TaskVector, k: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _keep(tv: TaskVector, t: jax.Array, cut: jax.Array) -> jax.Array:
     u = _keys(tv)
-    keep = (u > t) | ((u == t) & (lax.broadcasted_iota(jnp.int32, u.shape, 0) < cut))
-    return keep.reshape(_shape(tv))
+    return (u > t) | ((u == t) & (_flat_index(u.shape) < cut))
 
 
 def density_to_k(density, n: int) -> jax.Array:

@@ -12,5 +12,6 @@ def slerp(base, models, *, key=None, t):
     to lerp. `t` is required and may be traced (e.g. one value per layer under vmap).
     """
     v0, v1 = base, models[0]
-    out = slerp_flat(t, v0.reshape(-1), v1.reshape(-1))
-    return out.reshape(v0.shape).astype(result_dtype(base, models))
+    # In the tensor's own shape: reductions over every axis need no flattening, and a reshape
+    # inside the fused output pass costs XLA:CPU a div/mod per entry.
+    return slerp_flat(t, v0, v1).astype(result_dtype(base, models))
