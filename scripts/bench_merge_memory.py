@@ -3,9 +3,9 @@
     python scripts/bench_merge_memory.py [--size 135m|1b] [--methods ...] [--repeats 5]
 
 Inputs are the bf16 families that scripts/bench_merge.py builds (base + 2 variants of SmolLM2-135M,
-or of a random ~1.1B Llama), loaded onto the device once. Timed: the compiled program that
-`jmerge merge --mode memory` runs (jmerge.merging.memory_fn: every tensor of the model merged,
-the non-finite check included), inputs already on the device, median of --repeats calls. Not
+or of a random ~1.1B Llama), loaded onto the device once. Timed: what
+`jmerge merge --mode memory` runs once the inputs are loaded (jmerge.merging.merge_arrays: every
+tensor of the model merged, the non-finite check included), inputs already on the device, median of --repeats calls. Not
 timed: reading the files and writing the output (that is what bench_merge.py measures).
 Bandwidth = (bytes of the K + 1 inputs + bytes of the output) / time. The peer: a jitted
 `x * s` over one buffer as large as a model (reads it once, writes it once) on the same backend.
@@ -81,10 +81,9 @@ def main(argv=None) -> int:
             groups = merging.build_groups(p)
             inputs = merging.load_inputs(p, groups, mesh)
             gp = [merging.group_params(p, g, 0) for g in groups]
-            fn = jax.jit(merging.memory_fn(p, groups, mesh))
-            args = (inputs, [x[0] for x in gp], [x[1] for x in gp])
-            t = median_seconds(lambda: fn(*args), a.repeats)
-            out, _ = fn(*args)
+            args = (p, groups, inputs, [x[0] for x in gp], [x[1] for x in gp], mesh)
+            t = median_seconds(lambda: merging.merge_arrays(*args), a.repeats)
+            out, _ = merging.merge_arrays(*args)
             nin = sum(x.nbytes for x in jax.tree.leaves(inputs))
             nout = sum(x.nbytes for x in jax.tree.leaves(out))
             if copy is None:
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
             bw = (nin + nout) / t
             print(f"{method:16s} {t * 1e3:9.1f} ms  in {nin / 1e9:.2f} GB + out {nout / 1e9:.2f} GB  "
                   f"{bw / 1e9:7.1f} GB/s = {bw / copy * 100:5.1f}% of copy bandwidth", flush=True)
-            del inputs, out, fn, args
+            del inputs, out, args
     return 0
 
 

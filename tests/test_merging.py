@@ -7,6 +7,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -66,6 +67,21 @@ base_model: {m0}
 parameters:
   t: [{{filter: self_attn, value: [0, 0.5, 1]}}, {{value: 0.3}}]
 """,
+    # Slices whose sources start at different layers: the in-memory layer calls must index each
+    # input at its own offset (2 + 1 output layers).
+    "ties_slices": """
+slices:
+  - sources:
+      - {{model: {m0}, layer_range: [0, 2]}}
+      - {{model: {m1}, layer_range: [1, 3], parameters: {{weight: 1.0, density: 0.6}}}}
+      - {{model: {m2}, layer_range: [1, 3], parameters: {{weight: 0.5, density: 0.6}}}}
+  - sources:
+      - {{model: {m0}, layer_range: [2, 3]}}
+      - {{model: {m1}, layer_range: [0, 1], parameters: {{weight: 1.0, density: 0.6}}}}
+      - {{model: {m2}, layer_range: [0, 1], parameters: {{weight: 0.5, density: 0.6}}}}
+merge_method: ties
+base_model: {m0}
+""",
 }
 
 
@@ -114,9 +130,16 @@ def same(a, b):
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "slerp", "task_arithmetic", "linear"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "slerp", "task_arithmetic", "linear", "ties_slices"])
 def test_stream_and_memory_bit_identical(work, dirs, method):
     assert same(merged(work, dirs, method, "stream"), merged(work, dirs, method, "memory"))
+
+
+def test_sliced_layers_on_a_mesh_that_splits_them(work, dirs):
+    ref = merged(work, dirs, "ties_slices", "stream")
+    assert same(ref, merged(work, dirs, "ties_slices", "memory", mesh=2))  # 2-layer slice split
+    names = [n for n in ref if ".layers." in n and n.endswith("up_proj.weight")]
+    assert len(names) == 3
 
 
 @pytest.mark.parametrize("method", ["dare_ties"])
@@ -408,3 +431,14 @@ def test_somf_mask_file(tmp_path, dirs):
     got = tensors(tmp_path / "out")
     for n in base:  # theta_0 + tau * m / mean(m), mean(m) = 1/2 (even sizes)
         np.testing.assert_allclose(got[n], base[n] + (m1[n] - base[n]) * masks[n] * 2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.int8, jnp.bool_])
+def test_concat_bits_is_concatenate(dtype):
+    from jmerge.merging import concat_bits
+    xs = [(jnp.arange(6 * i, 6 * i + 6).reshape(1, 2, 3) * (-1) ** i).astype(dtype) for i in range(3)]
+    xs[1] = xs[1].at[0, 0, 0].set(jnp.nan) if jnp.issubdtype(dtype, jnp.floating) else xs[1]
+    got = concat_bits(xs)
+    assert got.dtype == dtype and got.shape == (3, 2, 3)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                  np.asarray(jnp.concatenate(xs).astype(jnp.float32)))
