@@ -82,6 +82,8 @@ def test_end_to_end(setup, capsys):
     (lambda c: c["searches"]["masks"].update(objective="dpo", data="safety", beta=0), "beta: expected a number > 0"),
     (lambda c: c["searches"]["masks"].update(objective="dpo", data="safety", reference="nobody"), "neither 'base'"),
     (lambda c: c["searches"]["masks"].update(objective="dpo", data="safety"), "line 1: missing 'chosen'"),
+    (lambda c: c["data"]["safety"].update(source="benign:*"), "no row of"),
+    (lambda c: c["data"]["safety"].update(source=3), "source: expected a glob"),
 ])
 def test_bad_config_one_line_exit_2(setup, edit, needle, capsys):
     import copy
@@ -138,3 +140,22 @@ def test_dpo_masks_job(setup, tmp_path):
     cfg["data"]["prefs"]["path"] = str(tmp_path / "empty.jsonl")
     with pytest.raises(JmergeError, match="no records"):
         Job(C.parse(cfg), progress=False)
+
+
+def test_data_types_split_by_source(setup, tmp_path):
+    """`source:` globs split one file into separately weighted types (refusals vs compliant
+    answers), each holding exactly its rows."""
+    import copy
+
+    from jmerge.search import config as C
+    from jmerge.search.run import Job
+    d, cfg = setup
+    rows = [{"prompt": f"hurt {i}", "response": "I cannot help.", "source": "harmful:template"} for i in range(3)]
+    rows += [{"prompt": f"kill a process {i}", "response": "Use kill -9.", "source": "benign:model"} for i in range(5)]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = copy.deepcopy(cfg)
+    cfg["data"] = {"refuse": {"path": str(tmp_path / "mixed.jsonl"), "source": "harmful:*"},
+                   "comply": {"path": str(tmp_path / "mixed.jsonl"), "source": "benign:*", "weight": 2.0}}
+    cfg["out"] = str(tmp_path / "out")
+    job = Job(C.parse(cfg), progress=False)
+    assert {k: (len(v[0]), v[1]) for k, v in job.typed.items()} == {"refuse": (3, 1.0), "comply": (5, 2.0)}

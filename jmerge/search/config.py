@@ -36,6 +36,9 @@ EVAL = dict(suites=["safety", "overrefusal", "domain"], limit=64, max_new_tokens
 class DataSpec:
     path: Path
     weight: float = 1.0
+    # Glob on each row's "source" field (e.g. "benign:*"): one file split into types that are
+    # weighted apart, such as refusals and the compliant answers that guard against over-refusal.
+    source: str | None = None
 
 
 @dataclasses.dataclass
@@ -110,11 +113,13 @@ def parse(raw: Any, source: Path | None = None) -> SearchConfig:
     _check_keys(cfg["data"], cfg["data"], f"{where}.data")
     for name, spec in cfg["data"].items():
         spec = {"path": spec} if isinstance(spec, str) else spec
-        _check_keys(spec, ("path", "weight"), f"{where}.data.{name}")
-        w = spec.get("weight", 1.0)
+        _check_keys(spec, ("path", "weight", "source"), f"{where}.data.{name}")
+        w, src = spec.get("weight", 1.0), spec.get("source")
         if not isinstance(w, (int, float)) or w < 0:
             raise JmergeError(f"{where}.data.{name}.weight: expected a number >= 0, got {w!r}")
-        data[str(name)] = DataSpec(_path(spec.get("path"), f"{where}.data.{name}.path"), float(w))
+        if src is not None and (not isinstance(src, str) or not src):
+            raise JmergeError(f"{where}.data.{name}.source: expected a glob on the rows' source field, got {src!r}")
+        data[str(name)] = DataSpec(_path(spec.get("path"), f"{where}.data.{name}.path"), float(w), src)
     _check_keys(cfg["searches"], SEARCHES, f"{where}.searches")
     searches = {k: _fill(v, SEARCHES[k], f"{where}.searches.{k}") for k, v in cfg["searches"].items()}
     for name, s in searches.items():

@@ -11,6 +11,7 @@ Output directory:
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import time
@@ -62,7 +63,8 @@ class Job:
         self.tokenizer = load_tokenizer(cfg.base)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # Every file read (and checked) before any is encoded: a bad row fails fast and alone.
-        rows = {name: read_preferences(spec.path) if name in cfg.preference_data else data.read_pairs(spec.path)
+        rows = {name: _select(read_preferences(spec.path) if name in cfg.preference_data
+                              else data.read_pairs(spec.path), spec, name)
                 for name, spec in cfg.data.items()}
         self.typed, self.preferences = {}, {}  # CE pairs; (prompt, chosen, rejected) triples
         for name, spec in cfg.data.items():
@@ -206,6 +208,18 @@ class Job:
         (dest / ".masks.safetensors.tmp").replace(dest / "masks.safetensors")
 
 
+def _select(rows: list[dict], spec, name: str) -> list[dict]:
+    """The rows whose "source" matches the type's glob (all rows without one)."""
+    if spec.source is None:
+        return rows
+    kept = [r for r in rows if fnmatch.fnmatchcase(str(r.get("source", "")), spec.source)]
+    if not kept:
+        found = sorted({str(r.get("source", "")) for r in rows})[:8]
+        raise JmergeError(f"data.{name}: no row of {spec.path} has a source matching {spec.source!r} "
+                          f"(sources there: {', '.join(found) or 'none'})")
+    return kept
+
+
 def run(cfg: SearchConfig, progress: bool = True) -> dict:
     """Everything the config asks for; returns the report dict."""
     t0 = time.perf_counter()
@@ -266,7 +280,7 @@ def evaluate(job: Job, models: list[tuple[str, dict, dict]]) -> dict:
         entries.append(dict(name=name, path=str(job.out / "models" / _slug(name)) if name.startswith("searched:") else "",
                             info=info, suites=suites))
     settings = dict(config=str(job.c.source), eval={k: str(v) for k, v in ev.items()}, overrefusal_set=over_source,
-                    searches=job.c.searches, data={k: [str(v.path), v.weight] for k, v in job.c.data.items()})
+                    searches=job.c.searches, data={k: [str(v.path), v.weight, v.source] for k, v in job.c.data.items()})
     return dict(created=time.strftime("%Y-%m-%dT%H:%M:%S"), settings=settings, models=entries)
 
 
