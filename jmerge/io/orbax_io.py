@@ -7,6 +7,7 @@ on one mesh loads onto another without a host copy of the model.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -18,33 +19,37 @@ from jmerge.errors import JmergeError
 from jmerge.io.atomic import atomic_dir
 from jmerge.io.hf import copy_tokenizer, write_config
 
-try:  # the v1 API moved out of `experimental` in newer orbax releases
-    import orbax.checkpoint.v1 as ocp
-except ImportError:
-    import orbax.checkpoint.experimental.v1 as ocp
+@functools.lru_cache(maxsize=None)
+def _ocp():
+    """orbax's v1 API, imported on first use: importing it costs ~0.2 s, which every `jmerge`
+    command that only reads safetensors (merge, eval) would otherwise pay at start-up."""
+    try:  # the v1 API moved out of `experimental` in newer orbax releases
+        import orbax.checkpoint.v1 as ocp
+    except ImportError:
+        import orbax.checkpoint.experimental.v1 as ocp
+    return ocp
+
 
 # orbax 0.12.8 renamed save_pytree/load_pytree/pytree_metadata to save/load/metadata.
-_ocp_save = getattr(ocp, "save", None) or ocp.save_pytree
-_ocp_load = getattr(ocp, "load", None) or ocp.load_pytree
-_ocp_metadata = getattr(ocp, "metadata", None) or ocp.pytree_metadata
-
-
 # orbax refuses relative paths (in a background thread, after the save has started), and a
 # config's `out: out/demo` is relative: every path is made absolute here.
 def _save(path, tree):
-    return _ocp_save(Path(path).absolute(), tree)
+    ocp = _ocp()
+    return (getattr(ocp, "save", None) or ocp.save_pytree)(Path(path).absolute(), tree)
 
 
 def _load(path, *args, **kw):
-    return _ocp_load(Path(path).absolute(), *args, **kw)
+    ocp = _ocp()
+    return (getattr(ocp, "load", None) or ocp.load_pytree)(Path(path).absolute(), *args, **kw)
 
 
 def _metadata(path, *args, **kw):
-    return _ocp_metadata(Path(path).absolute(), *args, **kw)
+    ocp = _ocp()
+    return (getattr(ocp, "metadata", None) or ocp.pytree_metadata)(Path(path).absolute(), *args, **kw)
 
 
 def is_orbax_dir(path: str | Path) -> bool:
-    return (Path(path) / "params").is_dir() and ocp.is_orbax_checkpoint(Path(path) / "params")
+    return (Path(path) / "params").is_dir() and _ocp().is_orbax_checkpoint(Path(path) / "params")
 
 
 def save_orbax(params, cfg: ModelConfig, out: str | Path, *, extra_from=None, force=False,
