@@ -30,22 +30,25 @@ def _ocp():
     return ocp
 
 
-# orbax 0.12.8 renamed save_pytree/load_pytree/pytree_metadata to save/load/metadata.
 # orbax refuses relative paths (in a background thread, after the save has started), and a
 # config's `out: out/demo` is relative: every path is made absolute here.
-def _save(path, tree):
+def _call(name: str, old_name: str, path, *args, **kw):
+    """orbax's `name`, or `old_name` before 0.12.8 renamed save_pytree/load_pytree/
+    pytree_metadata to save/load/metadata."""
     ocp = _ocp()
-    return (getattr(ocp, "save", None) or ocp.save_pytree)(Path(path).absolute(), tree)
+    return (getattr(ocp, name, None) or getattr(ocp, old_name))(Path(path).absolute(), *args, **kw)
+
+
+def _save(path, tree):
+    return _call("save", "save_pytree", path, tree)
 
 
 def _load(path, *args, **kw):
-    ocp = _ocp()
-    return (getattr(ocp, "load", None) or ocp.load_pytree)(Path(path).absolute(), *args, **kw)
+    return _call("load", "load_pytree", path, *args, **kw)
 
 
 def _metadata(path, *args, **kw):
-    ocp = _ocp()
-    return (getattr(ocp, "metadata", None) or ocp.pytree_metadata)(Path(path).absolute(), *args, **kw)
+    return _call("metadata", "pytree_metadata", path, *args, **kw)
 
 
 def is_orbax_dir(path: str | Path) -> bool:
