@@ -1,5 +1,3 @@
-import sys
+from jmerge.cli import entry
 
-from jmerge.cli import main
-
-sys.exit(main())
+entry()

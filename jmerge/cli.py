@@ -60,10 +60,29 @@ def main(argv=None) -> int:
     return run(module.main, rest)
 
 
+# Commands whose work is all on disk (written, synced, renamed) when main returns: they leave
+# without the interpreter's teardown of jaxlib, ~0.25 s of a 2 s merge.
+FAST_EXIT = ("merge", "check")
+
+
+def leave(rc: int, fast: bool = False) -> None:
+    """Exit with rc; `fast` skips the interpreter's teardown (streams flushed first)."""
+    if fast:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
+def entry() -> None:
+    """The console script and `python -m jmerge`."""
+    leave(main(), fast=sys.argv[1:2] != [] and sys.argv[1] in FAST_EXIT)
+
+
 def quiet_jax() -> None:
     """Keep the terminal for our progress bars and summaries, not backend chatter."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from jmerge.cli import ArgumentParser, quiet_jax, run
+from jmerge.cli import ArgumentParser, leave, quiet_jax, run
 
 
 def parser() -> ArgumentParser:
@@ -35,6 +35,8 @@ def persistent_compile_cache() -> None:
         return
     jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    from jmerge import merging
+    merging.EXPORT_CACHE = cache_root() / "exported"
 
 
 def main(argv=None) -> int:
@@ -54,4 +56,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    leave(run(main), fast=True)

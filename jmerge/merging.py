@@ -445,9 +445,57 @@ def precompile(p: Prepared, jobs: list[Job], seed: int, workers: int = 2) -> dic
         fn = jitted_tensor_fn(plan.method.name, static, p.out_dtype)
         key = tensor_key(seed, job.out_name) if plan.method.random else None
         base, models = _split(job, specs)
-        out[sig] = ahead.submit(lambda f=fn, a=(base, models, key, dyn): f.lower(*a).compile())
+        what = (plan.method.name, static, np.dtype(p.out_dtype).name)
+        out[sig] = ahead.submit(compile_exported, fn, (base, models, key, dyn), what)
     ahead.shutdown(wait=False)
     return out
+
+
+# Where `compile_exported` keeps traced programs; None (the default) traces every time. The merge
+# command sets it beside XLA's persistent compilation cache.
+EXPORT_CACHE: Path | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    """jax, the device kind and jmerge's merge code: what an exported program depends on."""
+    h = hashlib.sha256(f"{jax.__version__}|{jax.devices()[0].platform}|{jax.devices()[0].device_kind}".encode())
+    import importlib.util
+    kernels = Path(importlib.util.find_spec("jmerge.kernels").origin).parent
+    for f in [Path(__file__), *sorted((Path(__file__).parent / "merge").glob("*.py")), *sorted(kernels.glob("*.py"))]:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def compile_exported(fn, args: tuple, what: tuple):
+    """fn compiled for args, its traced program reused across runs through `EXPORT_CACHE`.
+
+    Tracing and lowering a TIES tensor function costs ~0.2 s of Python per shape — more than a
+    whole 135M merge spends merging; the compile itself is a hit in XLA's persistent cache. So
+    the lowered program is kept as a `jax.export` artifact (a versioned StableHLO format) keyed by
+    the code, the method and the argument shapes; calling a deserialized one traces only a
+    wrapper. Anything unreadable or unexportable falls back to tracing fn.
+    """
+    if EXPORT_CACHE is None:
+        return fn.lower(*args).compile()
+    from jax import export
+    shapes = jax.tree.map(lambda a: (tuple(np.shape(a)), str(a.dtype)), args)
+    key = hashlib.sha256(repr((_code_version(), what, shapes, jax.tree.structure(args))).encode()).hexdigest()
+    path = EXPORT_CACHE / f"{what[0]}-{key[:32]}.jax"
+    try:
+        exported = export.deserialize(bytearray(path.read_bytes()))
+        return jax.jit(exported.call).lower(*args).compile()
+    except Exception:  # absent, partly written by a crash, or from another jax: trace afresh
+        pass
+    try:
+        exported = export.export(fn)(*args)
+        EXPORT_CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(exported.serialize())
+        tmp.replace(path)
+        return jax.jit(exported.call).lower(*args).compile()
+    except Exception:  # e.g. an argument type jax.export cannot serialize
+        return fn.lower(*args).compile()
 
 
 # ---- in memory -------------------------------------------------------------------------------
@@ -672,8 +720,8 @@ def merge_arrays(p: Prepared, groups: list[Group], inputs, gparams, gkeys, mesh:
 
 
 def _abstract(cfg: ModelConfig):
-    from jmerge.models import llama
-    return llama.abstract_params(cfg)
+    from jmerge.models.layout import abstract_params
+    return abstract_params(cfg)
 
 
 def load_inputs(p: Prepared, groups: list[Group], mesh: Mesh, progress: bool = False) -> dict:

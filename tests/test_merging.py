@@ -4,6 +4,7 @@ transformers loading, and bad input -> one line, exit 2, nothing written."""
 
 import errno
 import json
+import os
 import shutil
 
 import jax
@@ -442,3 +443,39 @@ def test_concat_bits_is_concatenate(dtype):
     assert got.dtype == dtype and got.shape == (3, 2, 3)
     np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
                                   np.asarray(jnp.concatenate(xs).astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_exported_programs_same_bits(work, dirs, method, tmp_path, monkeypatch):
+    """Traced per-tensor programs kept across runs (jax.export) give the stream merge's bits
+    when written, when read back, and when an artifact is corrupt (traced afresh and rewritten)."""
+    from jmerge import merging
+    monkeypatch.setattr(merging, "EXPORT_CACHE", tmp_path / "exported")
+    ref = merged(work, dirs, method, "stream")
+    cfg = write_cfg(work, method, CONFIGS[method], dirs)
+    merge(cfg, tmp_path / "cold", mode="stream")
+    files = sorted((tmp_path / "exported").glob(f"{method}-*.jax"))
+    assert files, "no program was exported"
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    merge(cfg, tmp_path / "warm", mode="stream")
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps  # read, not rewritten
+    files[0].write_bytes(b"not a program")
+    merge(cfg, tmp_path / "mended", mode="stream")
+    assert files[0].read_bytes() != b"not a program"
+    for d in ("cold", "warm", "mended"):
+        assert same(ref, tensors(tmp_path / d)), d
+
+
+def test_console_merge_exits_fast_with_its_code(tmp_path, work, dirs):
+    """`python -m jmerge merge` leaves by os._exit once the output is in place; its exit codes
+    and messages are the command's."""
+    import subprocess
+    import sys
+    cfg = write_cfg(tmp_path, "linear", CONFIGS["linear"], dirs)
+    env = dict(os.environ, JMERGE_NO_COMPILE_CACHE="1")
+    cmd = [sys.executable, "-m", "jmerge", "merge", str(cfg), str(tmp_path / "out"), "-q"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and "merged ->" in ok.stdout, ok.stderr
+    assert same(tensors(tmp_path / "out"), merged(work, dirs, "linear", "stream"))
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 2 and again.stderr.strip().endswith("already exists (pass --force to replace it)")

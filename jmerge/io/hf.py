@@ -24,7 +24,7 @@ from jmerge.config import ModelConfig, load_config
 from jmerge.errors import JmergeError, collect
 from jmerge.io.atomic import atomic_dir
 from jmerge.io.safetensors_io import Checkpoint, write_file
-from jmerge.models import llama
+from jmerge.models.layout import abstract_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -49,7 +49,7 @@ def leaf_names(path: tuple[str, ...], cfg: ModelConfig) -> list[str]:
 
 
 def leaf_paths(cfg: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    flat = jax.tree_util.tree_flatten_with_path(llama.abstract_params(cfg))[0]
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
     return {tuple(k.key for k in p): a for p, a in flat}
 
 

@@ -244,17 +244,3 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Params:
     """Random params (normal 0.02, norms 1) — for unit tests and benchmarks, never for claims."""
     model = LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> Params:
-    """Shapes and dtypes of the params pytree, without allocating anything (a fresh pytree per
-    call; the traced model behind it is built once per config, ~40 ms each)."""
-    return jax.tree.map(lambda v: v, _abstract_params(cfg, jnp.dtype(dtype)))
-
-
-@functools.lru_cache(maxsize=64)
-def _abstract_params(cfg: ModelConfig, dtype) -> Params:
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
