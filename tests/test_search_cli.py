@@ -84,6 +84,7 @@ def test_end_to_end(setup, capsys):
     (lambda c: c["searches"]["masks"].update(objective="dpo", data="safety"), "line 1: missing 'chosen'"),
     (lambda c: c["data"]["safety"].update(source="benign:*"), "no row of"),
     (lambda c: c["data"]["safety"].update(source=3), "source: expected a glob"),
+    (lambda c: c["data"]["safety"].update(tokens=0), "tokens: expected a positive whole number"),
 ])
 def test_bad_config_one_line_exit_2(setup, edit, needle, capsys):
     import copy
@@ -159,3 +160,25 @@ def test_data_types_split_by_source(setup, tmp_path):
     cfg["out"] = str(tmp_path / "out")
     job = Job(C.parse(cfg), progress=False)
     assert {k: (len(v[0]), v[1]) for k, v in job.typed.items()} == {"refuse": (3, 1.0), "comply": (5, 2.0)}
+
+
+def test_data_type_cut_to_answer_opening(setup, tmp_path):
+    """`tokens: N` keeps each row's prompt and the first N answer tokens, all of them targets."""
+    import copy
+
+    import numpy as np
+
+    from jmerge.search import config as C
+    from jmerge.search.run import Job
+    d, cfg = setup
+    cfg = copy.deepcopy(cfg)
+    cfg["out"] = str(tmp_path / "out")
+    full = Job(C.parse(cfg), progress=False).typed["safety"][0]
+    cfg["data"]["safety"]["tokens"] = 3
+    cut = Job(C.parse(cfg), progress=False).typed["safety"][0]
+    assert len(cut) == len(full)
+    for a, b in zip(full, cut):
+        start = int(np.argmax(a.loss_mask))
+        n = min(3, int(a.loss_mask.sum()))
+        assert b.loss_mask.tolist() == [0] * start + [1] * n
+        np.testing.assert_array_equal(b.ids, a.ids[:start + n])

@@ -39,6 +39,9 @@ class DataSpec:
     # Glob on each row's "source" field (e.g. "benign:*"): one file split into types that are
     # weighted apart, such as refusals and the compliant answers that guard against over-refusal.
     source: str | None = None
+    # Loss on the first N answer tokens only: where a chat model decides to refuse or to answer,
+    # so that decision is weighted by itself instead of drowned in the answer's content tokens.
+    tokens: int | None = None
 
 
 @dataclasses.dataclass
@@ -113,13 +116,16 @@ def parse(raw: Any, source: Path | None = None) -> SearchConfig:
     _check_keys(cfg["data"], cfg["data"], f"{where}.data")
     for name, spec in cfg["data"].items():
         spec = {"path": spec} if isinstance(spec, str) else spec
-        _check_keys(spec, ("path", "weight", "source"), f"{where}.data.{name}")
-        w, src = spec.get("weight", 1.0), spec.get("source")
+        _check_keys(spec, ("path", "weight", "source", "tokens"), f"{where}.data.{name}")
+        w, src, tokens = spec.get("weight", 1.0), spec.get("source"), spec.get("tokens")
         if not isinstance(w, (int, float)) or w < 0:
             raise JmergeError(f"{where}.data.{name}.weight: expected a number >= 0, got {w!r}")
         if src is not None and (not isinstance(src, str) or not src):
             raise JmergeError(f"{where}.data.{name}.source: expected a glob on the rows' source field, got {src!r}")
-        data[str(name)] = DataSpec(_path(spec.get("path"), f"{where}.data.{name}.path"), float(w), src)
+        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0):
+            raise JmergeError(f"{where}.data.{name}.tokens: expected a positive whole number of answer tokens, "
+                              f"got {tokens!r}")
+        data[str(name)] = DataSpec(_path(spec.get("path"), f"{where}.data.{name}.path"), float(w), src, tokens)
     _check_keys(cfg["searches"], SEARCHES, f"{where}.searches")
     searches = {k: _fill(v, SEARCHES[k], f"{where}.searches.{k}") for k, v in cfg["searches"].items()}
     for name, s in searches.items():

@@ -99,6 +99,11 @@ def batch_loss(theta, base, tvs, batch, key, *, cfg, param):
     return weighted_ce(merged_forward(base, tvs, theta, cfg, batch, param, key=key), batch)
 
 
+def _targets(rows) -> int:
+    """Answer tokens that carry loss in a data type (so a run with cut answers is another run)."""
+    return sum(int(r.loss_mask.sum()) for r in rows if hasattr(r, "loss_mask"))
+
+
 def _mesh(tree):
     """The mesh that a params pytree lives on; None for plain single-device arrays."""
     s = getattr(jax.tree.leaves(tree)[0], "sharding", None)
@@ -185,7 +190,7 @@ class GradientSearch:
         ckpt = None
         if ckpt_dir is not None:
             fp = fingerprint(self.cfg.hf_config, dataclasses.asdict(self.spec), repr(self.param),
-                             {k: (len(e), w) for k, (e, w) in typed.items()})
+                             {k: (len(e), _targets(e), w) for k, (e, w) in typed.items()})
             ckpt = RunCheckpoint(ckpt_dir, fp)
             if (found := ckpt.restore(self._state())) is not None:
                 self.step, st = found

@@ -71,7 +71,8 @@ class Job:
             if name in cfg.preference_data:
                 self.preferences[name] = (encode_preferences(self.tokenizer, rows[name], cfg.max_len), spec.weight)
             else:
-                self.typed[name] = (data.encode_pairs(self.tokenizer, rows[name], cfg.max_len), spec.weight)
+                exs = data.encode_pairs(self.tokenizer, rows[name], cfg.max_len)
+                self.typed[name] = (_opening(exs, spec.tokens) if spec.tokens else exs, spec.weight)
         self.out = cfg.out
         self.results: dict[str, dict] = {}  # name -> {"params": pytree, "info": {...}}
         self.logs: dict[str, list] = {}
@@ -218,6 +219,15 @@ def _select(rows: list[dict], spec, name: str) -> list[dict]:
         raise JmergeError(f"data.{name}: no row of {spec.path} has a source matching {spec.source!r} "
                           f"(sources there: {', '.join(found) or 'none'})")
     return kept
+
+
+def _opening(exs: list[data.Example], n: int) -> list[data.Example]:
+    """Each example cut after its first n answer tokens (shorter rows also make cheaper steps)."""
+    out = []
+    for ex in exs:
+        end = int(np.argmax(ex.loss_mask)) + n
+        out.append(data.Example(ex.ids[:end], ex.loss_mask[:end]))
+    return out
 
 
 def run(cfg: SearchConfig, progress: bool = True) -> dict:
