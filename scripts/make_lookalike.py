@@ -1,0 +1,40 @@
+"""Rebuild configs/data/lookalike_base.jsonl: the base model's greedy answers to the look-alike
+prompts (benign questions with dangerous-sounding words), keeping only rows the keyword judge
+does not call a refusal, as {prompt, response, source: "lookalike:base"} search pairs.
+
+    python scripts/make_lookalike.py [--model DIR]   (default: the SmolLM2 testbed base)
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from jmerge.default_model import cache_root
+from jmerge.eval.judges import is_refusal
+
+DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(cache_root() / "models" / "SmolLM2-135M-Instruct"))
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "answers.jsonl"
+        subprocess.run([sys.executable, "-m", "jmerge", "generate", "--model", a.model, "--prompts",
+                        str(DATA / "lookalike_prompts.txt"), "--max-new-tokens", str(a.max_new_tokens),
+                        "--out", str(out)], check=True)
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    keep = [dict(prompt=r["prompt"], response=r["response"], source="lookalike:base")
+            for r in rows if not is_refusal(r["response"])]
+    (DATA / "lookalike_base.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    print(f"{len(keep)} of {len(rows)} answers kept (the rest were refusals) -> {DATA / 'lookalike_base.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
