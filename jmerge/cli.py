@@ -76,7 +76,7 @@ def leave(rc: int, fast: bool = False) -> None:
 
 def entry() -> None:
     """The console script and `python -m jmerge`."""
-    leave(main(), fast=sys.argv[1:2] != [] and sys.argv[1] in FAST_EXIT)
+    leave(main(), fast=len(sys.argv) > 1 and sys.argv[1] in FAST_EXIT)
 
 
 def quiet_jax() -> None:

@@ -24,6 +24,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import operator
 import os
@@ -460,7 +461,6 @@ EXPORT_CACHE: Path | None = None
 def _code_version() -> str:
     """jax, the device kind and jmerge's merge code: what an exported program depends on."""
     h = hashlib.sha256(f"{jax.__version__}|{jax.devices()[0].platform}|{jax.devices()[0].device_kind}".encode())
-    import importlib.util
     kernels = Path(importlib.util.find_spec("jmerge.kernels").origin).parent
     for f in [Path(__file__), *sorted((Path(__file__).parent / "merge").glob("*.py")), *sorted(kernels.glob("*.py"))]:
         h.update(f.read_bytes())
@@ -478,24 +478,28 @@ def compile_exported(fn, args: tuple, what: tuple):
     """
     if EXPORT_CACHE is None:
         return fn.lower(*args).compile()
-    from jax import export
     shapes = jax.tree.map(lambda a: (tuple(np.shape(a)), str(a.dtype)), args)
     key = hashlib.sha256(repr((_code_version(), what, shapes, jax.tree.structure(args))).encode()).hexdigest()
-    path = EXPORT_CACHE / f"{what[0]}-{key[:32]}.jax"
     try:
-        exported = export.deserialize(bytearray(path.read_bytes()))
-        return jax.jit(exported.call).lower(*args).compile()
-    except Exception:  # absent, partly written by a crash, or from another jax: trace afresh
-        pass
-    try:
-        exported = export.export(fn)(*args)
-        EXPORT_CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(exported.serialize())
-        tmp.replace(path)
+        exported = _exported(fn, args, EXPORT_CACHE / f"{what[0]}-{key[:32]}.jax")
         return jax.jit(exported.call).lower(*args).compile()
     except Exception:  # e.g. an argument type jax.export cannot serialize
         return fn.lower(*args).compile()
+
+
+def _exported(fn, args: tuple, path: Path):
+    """The program stored at path, or fn exported for args and stored there."""
+    from jax import export
+    try:
+        return export.deserialize(bytearray(path.read_bytes()))
+    except Exception:  # absent, partly written by a crash, or from another jax: export afresh
+        pass
+    exported = export.export(fn)(*args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(exported.serialize())
+    tmp.replace(path)
+    return exported
 
 
 # ---- in memory -------------------------------------------------------------------------------
@@ -650,14 +654,9 @@ def concat_bits(xs) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def _stack_blocks(mesh: Mesh, spec: P):
-    """[n_calls arrays of one layer per device] -> the stacked leaf in layer order (device d
+    """[a list of n_calls arrays of one layer per device] -> the stacked leaf in layer order (device d
     holds layers d * n_calls ...), assembled on each device from its own blocks."""
-    def local(*ys):
-        return concat_bits(ys)
-    if mesh.size == 1:
-        return jax.jit(local)
-    return jax.jit(lambda *ys: jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(ys), out_specs=spec,
-                                             check_vma=False)(*ys))
+    return jax.jit(on_devices(concat_bits, mesh, (spec,), spec))
 
 
 def merge_layers(p: Prepared, g: Group, mesh: Mesh, inputs, prm, keys):
@@ -675,7 +674,7 @@ def merge_layers(p: Prepared, g: Group, mesh: Mesh, inputs, prm, keys):
     step = _layer_step(p.checked.plan.method.name, g.static, p.out_dtype, base is not None, mesh, spec)
     outs = [step(xs, np.int32(i), offsets, prm, keys) for i in range(calls)]
     stack = _stack_blocks(mesh, spec)
-    return stack(*[y for y, _ in outs]), stack(*[f for _, f in outs])
+    return stack([y for y, _ in outs]), stack([f for _, f in outs])
 
 
 @functools.lru_cache(maxsize=None)
