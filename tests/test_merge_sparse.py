@@ -276,6 +276,40 @@ def test_search_equals_bisection(shape):
                 assert got.view(np.uint32) == bisect_kth_bits(x, k), (name, k)
 
 
+@pytest.mark.parametrize("shape", [(7,), (37, 541)])
+def test_joint_trim_of_several_task_vectors_equals_each_alone(shape):
+    """`magnitudes` shares the first counting pass of several task vectors (and cuts the ties at
+    a right guess from that pass): every case of _search_cases, three at a time as
+    (model, base) pairs with one base and different densities, against bisection. The bf16
+    deltas take the shortcut (the sample's guess is the k-th key with ties at it); the
+    misleading sample and gaussian cases do not."""
+    n = int(np.prod(shape))
+    cases = _search_cases(shape)
+    base = np.zeros(shape, np.float32)
+    as_pairs = jax.jit(lambda ms, b, ds: sp.magnitudes([(m, b) for m in ms], ds))
+    as_arrays = jax.jit(lambda ms, b, ds: sp.magnitudes(ms, ds))
+    names = list(cases)
+    for j in range(len(names)):
+        trio = [names[j], names[(j + 1) % len(names)], names[(j + 3) % len(names)]]
+        ds = [0.3, 0.5, 0.9]
+        # a pair's difference flushes denormals to zero on XLA:CPU, as any float32 subtraction there
+        joint = as_arrays if "denormal" in trio else as_pairs
+        got = joint([jnp.asarray(cases[c]) for c in trio], jnp.asarray(base), [jnp.float32(d) for d in ds])
+        for c, d, g in zip(trio, ds, got):
+            want = np.where(bisect_topk_mask(cases[c], np_k(d, n)), cases[c], 0)
+            np.testing.assert_array_equal(np.asarray(g), want, err_msg=f"{c} density {d}")
+
+    def guessed(x, d):  # whether the first pass's guess is the k-th key, with ties at it
+        k = jnp.int32(np_k(d, n))
+        ts = sp._thresholds(sp._guided(sp._sample(jnp.asarray(x)), k), sp._start(jnp.int32(n), jnp.int32(0)))
+        u = np.abs(x).view(np.uint32).ravel()
+        t = bisect_kth_bits(x, int(k))
+        return int(ts[1]) == t and (u == t).sum() > 1 and int(ts[2]) == t + 1
+    if n > 1000:
+        assert guessed(cases["bf16 deltas"], 0.3) and guessed(cases["tie-heavy"], 0.5)
+        assert not guessed(cases["misleading sample"], 0.3) and not guessed(cases["gaussian"], 0.5)
+
+
 def test_search_on_a_model_base_pair_equals_the_difference():
     r = np.random.default_rng(3)
     base = jnp.asarray(r.standard_normal((37, 541)), jnp.bfloat16)

@@ -94,18 +94,21 @@ def gta_params(*, normalize: bool, rescale: bool, **model_extra) -> tuple[dict, 
 
 
 Sparsifier = Callable[[jax.Array, int, dict, Any], jax.Array]
+# All task vectors of a tensor at once (a list in, a list out), for a trim that reads them together.
+JointSparsifier = Callable[[list, dict], list]
 
 
 def gta_merge(method: str, base: jax.Array, models: Sequence[jax.Array], params: dict,
               defaults: tuple[dict, dict], *, sparsify: Sparsifier | None = None,
               consensus: bool = False, key: jax.Array | None = None,
-              tv_as_pair: bool = False) -> jax.Array:
+              tv_as_pair: bool = False, sparsify_all: JointSparsifier | None = None) -> jax.Array:
     """Generalized task arithmetic over one tensor; returns base's dtype.
 
     `sparsify(tv, i, p, key_i)` trims model i's task vector; p holds the per-model parameters as
     lists and the global ones as scalars. Model i's randomness is fold_in(key, i). With
     `tv_as_pair`, tv is passed as the pair (model_i, base), for a sparsifier that reads it in
     several passes and recomputes the float32 difference in each (see _sparsify.TaskVector).
+    `sparsify_all(tvs, p)` trims them all in one call instead (as pairs with `tv_as_pair`).
     """
     if base is None:
         raise JmergeError(f"{method}: a base model is required")
@@ -116,7 +119,10 @@ def gta_merge(method: str, base: jax.Array, models: Sequence[jax.Array], params:
         p[name] = per_model(params.get(name, default), n, name, method)
     b = jnp.asarray(base).astype(F32)
     deltas = []
-    for i, m in enumerate(models):
+    if sparsify_all is not None:
+        pairs = [(jnp.asarray(m), jnp.asarray(base)) for m in models]
+        deltas = sparsify_all(pairs if tv_as_pair else [jnp.asarray(m).astype(F32) - b for m in models], p)
+    for i, m in enumerate(models if sparsify_all is None else ()):
         tv = jnp.asarray(m).astype(F32) - b
         if sparsify is not None:
             key_i = None if key is None else jax.random.fold_in(key, i)

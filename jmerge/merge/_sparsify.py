@@ -13,7 +13,9 @@ ends the search when T == v (usual for deltas of bf16 weights, where many entrie
 magnitude), and two values about 4 sample sigmas either side. Later passes split [lo, hi)
 evenly, so no tensor needs more than 16 passes (plain bisection needs 32). The sample only
 decides the speed, never the result. Ties at T go to the lowest flat indices, found from per-row
-tie counts in one more pass, only when ties must be broken.
+tie counts, only when ties must be broken. The first pass counts per row, so when T == v those
+counts are already there; otherwise they take one more pass. Several task vectors of one tensor
+(TIES) make their first passes in one read of them all.
 
 A magnitude top-k also takes a task vector as the pair (model, base), standing for
 float32(model) - float32(base): the difference is then recomputed inside every pass rather
@@ -122,28 +124,42 @@ def _even_splits(lo: jax.Array, hi: jax.Array) -> jax.Array:
     return jnp.minimum(lo + i * q + jnp.minimum(i, r), hi - 1)
 
 
-def _search(count: Callable, enough: Callable, propose: Callable, top_count, none_count):
+def _start(top_count, none_count):
+    """The search state (lo, hi, count(lo), count(hi), pass) before any pass."""
+    return (jnp.uint32(0), jnp.uint32(_INF_BITS + 1), top_count, none_count, jnp.int32(0))
+
+
+def _thresholds(propose: Callable, state) -> jax.Array:
+    lo, hi, c_lo, c_hi, i = state
+    return jnp.clip(propose(lo, hi, c_lo, c_hi, i), lo, hi - 1)
+
+
+def _narrow(state, ts: jax.Array, c, enough: Callable):
+    """The state after a pass that counted c at the thresholds ts."""
+    lo, hi, c_lo, c_hi, i = state
+    n_ok = jnp.sum(enough(c).astype(jnp.int32))  # a prefix of the ascending ts
+    below, above = jnp.maximum(n_ok - 1, 0), jnp.minimum(n_ok, _WAYS - 2)
+    raise_lo, lower_hi = n_ok > 0, n_ok < _WAYS - 1
+    pick = lambda flag, at, old: jax.tree.map(  # noqa: E731
+        lambda x, y: jnp.where(flag, x[at], y), c, old)
+    return (jnp.where(raise_lo, ts[below], lo), jnp.where(lower_hi, ts[above], hi),
+            pick(raise_lo, below, c_lo), pick(lower_hi, above, c_hi), i + 1)
+
+
+def _search(count: Callable, enough: Callable, propose: Callable, state):
     """(T, count(T)): T the largest bit pattern in [0, +inf] with enough(count(T)).
 
     count(ts, i) -> counts (a pytree of arrays with a leading axis over ts) in pass i, monotone
-    non-increasing in t; enough(counts) -> bool per threshold. top_count is count(0), for which
-    enough must hold, and none_count stands for count(+inf + 1), which is never counted.
-    propose(lo, hi, c_lo, c_hi, i) -> _WAYS - 1 ascending thresholds for pass i (any values;
-    they are clipped into [lo, hi)). Invariant: enough at lo, not at hi.
+    non-increasing in t; enough(counts) -> bool per threshold. `state` is `_start(count(0),
+    count(+inf + 1))` (enough must hold for the first; the second is never counted) or the
+    state after passes made elsewhere. propose(lo, hi, c_lo, c_hi, i) -> _WAYS - 1 ascending
+    thresholds for pass i (any values; they are clipped into [lo, hi)). Invariant: enough at
+    lo, not at hi.
     """
     def narrow(state):
-        lo, hi, c_lo, c_hi, i = state
-        ts = jnp.clip(propose(lo, hi, c_lo, c_hi, i), lo, hi - 1)
-        c = count(ts, i)
-        n_ok = jnp.sum(enough(c).astype(jnp.int32))  # a prefix of the ascending ts
-        below, above = jnp.maximum(n_ok - 1, 0), jnp.minimum(n_ok, _WAYS - 2)
-        raise_lo, lower_hi = n_ok > 0, n_ok < _WAYS - 1
-        pick = lambda flag, at, old: jax.tree.map(  # noqa: E731
-            lambda x, y: jnp.where(flag, x[at], y), c, old)
-        return (jnp.where(raise_lo, ts[below], lo), jnp.where(lower_hi, ts[above], hi),
-                pick(raise_lo, below, c_lo), pick(lower_hi, above, c_hi), i + 1)
+        ts = _thresholds(propose, state)
+        return _narrow(state, ts, count(ts, state[4]), enough)
 
-    state = (jnp.uint32(0), jnp.uint32(_INF_BITS + 1), top_count, none_count, jnp.int32(0))
     lo, _, c_lo, _, _ = lax.while_loop(lambda s: s[1] - s[0] > 1, narrow, state)
     return lo, c_lo
 
@@ -182,20 +198,27 @@ def _guided(sample: jax.Array, k: jax.Array):
     return propose
 
 
-def _kth_bits(tv: TaskVector, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(T, #{keys >= T}) for k in [1, n]."""
+def _sample(tv: TaskVector) -> jax.Array:
+    """A sorted strided sample of the keys."""
     n = int(np.prod(_shape(tv)))
     # Behind a barrier, XLA cannot merge these keys with the caller's use of the same values
     # into one stored array: the strided slice computes only the sampled entries.
-    sample = jnp.sort(_keys(lax.optimization_barrier(tv)).reshape(-1)[::_sample_stride(n)])
+    return jnp.sort(_keys(lax.optimization_barrier(tv)).reshape(-1)[::_sample_stride(n)])
 
+
+def _counter(tv: TaskVector) -> Callable:
     def count(ts, i):
         # Tied to the pass index, so XLA cannot hoist the keys out of the loop as one stored
         # array; they are recomputed from the inputs by each pass.
         inputs, _ = lax.optimization_barrier((tv, i))
         return _count_ge(_keys(inputs), ts)
+    return count
 
-    return _search(count, lambda c: c >= k, _guided(sample, k), jnp.int32(n), jnp.int32(0))
+
+def _kth_bits(tv: TaskVector, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(T, #{keys >= T}) for k in [1, n]."""
+    n = int(np.prod(_shape(tv)))
+    return _search(_counter(tv), lambda c: c >= k, _guided(_sample(tv), k), _start(jnp.int32(n), jnp.int32(0)))
 
 
 def _row_width(shape: tuple[int, ...]) -> int:
@@ -207,48 +230,74 @@ def _row_width(shape: tuple[int, ...]) -> int:
     return next(c for c in range(min(n, _ROW), 0, -1) if n % c == 0)
 
 
+def _rows(keys: jax.Array) -> jax.Array:
+    """The [n / width, width] view of the keys (see _row_width)."""
+    width = _row_width(keys.shape)
+    return keys.reshape(keys.size // width, width)
+
+
 def _tie_cut(tv: TaskVector, t: jax.Array, k: jax.Array) -> jax.Array:
     """Flat index c such that the keys > t plus the keys == t below index c are k entries.
 
-    One read counts ties and larger entries per row of a [rows, width] view. Then c is found
-    by bisection, each step counting the ties below a candidate from the per-row counts and a
-    single row of the tensor (no cumulative sum over the tensor).
-    """
-    n = int(np.prod(_shape(tv)))
-    width = _row_width(_shape(tv))
-    rows = _keys(tv).reshape(n // width, width)
+    One read counts ties and larger entries per row of the `_rows` view."""
+    rows = _rows(_keys(tv))
     ties_per_row, above_per_row = _sum_each(
         [(rows == t).astype(jnp.int32), (rows > t).astype(jnp.int32)], (1,))
+    return _cut_from_rows(tv, t, k, ties_per_row, above_per_row)
+
+
+def _cut_from_rows(tv: TaskVector, t, k, ties_per_row: jax.Array, above_per_row: jax.Array) -> jax.Array:
+    """_tie_cut's c from the per-row counts of keys == t and > t: the flat index of the first tie
+    that no longer fits (n if all fit), located by running sums over the per-row counts and then
+    over the one row that holds it (no cumulative sum over the tensor, no loop)."""
+    n = int(np.prod(_shape(tv)))
+    width = _row_width(_shape(tv))
     room = k - jnp.sum(above_per_row)  # how many tied entries still fit
-    row_index = jnp.arange(n // width, dtype=jnp.int32)
-    col_index = jnp.arange(width, dtype=jnp.int32)
+    through = jnp.cumsum(ties_per_row)  # ties in rows 0..r
+    r = jnp.sum((through <= room).astype(jnp.int32))  # the row holding tie number room + 1
+    before = jnp.where(r > 0, through[jnp.maximum(r - 1, 0)], 0)
+    inputs, _ = lax.optimization_barrier((tv, r))  # read one row, not the whole tensor
+    row = lax.dynamic_index_in_dim(_rows(_keys(inputs)), jnp.minimum(r, n // width - 1), 0, keepdims=False)
+    col = jnp.sum((jnp.cumsum((row == t).astype(jnp.int32)) <= room - before).astype(jnp.int32))
+    return jnp.where(r < n // width, r * width + col, n)
 
-    def ties_below(c):
-        r, col = c // width, c % width
-        inputs, _ = lax.optimization_barrier((tv, c))  # read one row, not the whole tensor
-        row = lax.dynamic_index_in_dim(_keys(inputs).reshape(n // width, width),
-                                       jnp.minimum(r, n // width - 1), 0, keepdims=False)
-        return (jnp.sum(jnp.where(row_index < r, ties_per_row, 0))
-                + jnp.sum((row == t) & (col_index < col) & (r < n // width), dtype=jnp.int32))
 
-    def step(_, lo_hi):  # invariant: ties_below(lo) <= room < ties_below(hi)
-        lo, hi = lo_hi
-        mid = lo + (hi - lo) // 2
-        fits = ties_below(mid) <= room
-        return jnp.where(fits, mid, lo), jnp.where(fits, hi, mid)
+def _topk_cuts(tvs: Sequence[TaskVector], ks: Sequence) -> list[tuple[jax.Array, jax.Array]]:
+    """(t, cut) of each of several same-shaped task vectors: the k largest keys are those > t
+    and those == t at flat index < cut.
 
-    cut, _ = lax.fori_loop(0, (n + 1).bit_length(), step, (jnp.int32(0), jnp.int32(n + 1)))
-    return cut
+    The first pass of every search is made in one read of all the task vectors (a base they
+    share as pairs is read once), counting per row of the `_rows` view, so that when the
+    sample's guess v is the k-th key (the usual case for deltas of bf16 weights) the ties at v
+    are cut from its counts at v and v + 1 without a pass of their own.
+    """
+    n = int(np.prod(_shape(tvs[0])))
+    ks = [jnp.clip(jnp.asarray(k, jnp.int32), 0, n) for k in ks]
+    proposes = [_guided(_sample(tv), jnp.maximum(k, 1)) for tv, k in zip(tvs, ks)]
+    start = _start(jnp.int32(n), jnp.int32(0))
+    tss = [_thresholds(p, start) for p in proposes]
+    inputs = lax.optimization_barrier(list(tvs))  # keys recomputed here, not stored for later
+    per_row = _sum_each([(_rows(_keys(tv)) >= ts[j]).astype(jnp.int32)
+                         for tv, ts in zip(inputs, tss) for j in range(_WAYS - 1)], (1,))
+    out = []
+    for i, (tv, k, ts, propose) in enumerate(zip(tvs, ks, tss, proposes)):
+        rows_ge = per_row[i * (_WAYS - 1):(i + 1) * (_WAYS - 1)]
+        enough = lambda c, k=k: c >= jnp.maximum(k, 1)  # noqa: E731
+        state = _narrow(start, ts, jnp.stack([jnp.sum(r) for r in rows_ge]), enough)
+        t, n_ge = _search(_counter(tv), enough, propose, state)
+        counted = (t == ts[1]) & (ts[2] == ts[1] + 1)  # the pass counted t and t + 1 per row
+
+        def cut(tv=tv, t=t, k=k, rows_ge=rows_ge, counted=counted):
+            return lax.cond(counted, lambda: _cut_from_rows(tv, t, k, rows_ge[1] - rows_ge[2], rows_ge[2]),
+                            lambda: _tie_cut(tv, t, k))
+        # when every entry >= t fits, no tie needs breaking
+        out.append((t, lax.cond(n_ge == k, lambda: jnp.int32(n), cut)))
+    return out
 
 
 def _topk_cut(tv: TaskVector, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(t, cut): the k largest keys are those > t and those == t at flat index < cut."""
-    n = int(np.prod(_shape(tv)))
-    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
-    t, n_ge = _kth_bits(tv, jnp.maximum(k, 1))
-    # when every entry >= t fits, no tie needs breaking and the row scan is skipped
-    cut = lax.cond(n_ge == k, lambda: jnp.int32(n), lambda: _tie_cut(tv, t, k))
-    return t, cut
+    return _topk_cuts([tv], [k])[0]
 
 
 def _keep(tv: TaskVector, t: jax.Array, cut: jax.Array) -> jax.Array:
@@ -325,7 +374,7 @@ def _global_kth_bits(us: list[jax.Array], k_hi: jax.Array, k_lo: jax.Array) -> j
 
     zero = jnp.zeros((), jnp.int32)  # the counts at the ends are not needed here
     return _search(count, lambda c: _pair_ge(c[0], c[1], k_hi, k_lo),
-                   lambda lo, hi, *_: _even_splits(lo, hi), (zero, zero), (zero, zero))[0]
+                   lambda lo, hi, *_: _even_splits(lo, hi), _start((zero, zero), (zero, zero)))[0]
 
 
 def global_kth_largest_abs(xs: Sequence[jax.Array], k) -> jax.Array:
@@ -382,11 +431,18 @@ def rescale_masked(tv, keep, rescale) -> jax.Array:
 
 def magnitude(tv: TaskVector, density, rescale=False) -> jax.Array:
     """Keep the round(density * n) largest-|tv| entries (TIES trim, per tensor)."""
-    if int(np.prod(_shape(tv))) == 0:
-        return value(tv)
-    t, cut = _topk_cut(tv, density_to_k(density, int(np.prod(_shape(tv)))))
-    out = rescale_masked(lambda: value(tv), lambda: _keep(tv, t, cut), rescale)
-    return jnp.where(jnp.asarray(density) >= 1, value(tv), out)
+    return magnitudes([tv], [density], rescale)[0]
+
+
+def magnitudes(tvs: Sequence[TaskVector], densities: Sequence, rescale=False) -> list[jax.Array]:
+    """`magnitude` of several same-shaped task vectors, their searches' first passes shared."""
+    n = int(np.prod(_shape(tvs[0])))
+    if n == 0:
+        return [value(tv) for tv in tvs]
+    cuts = _topk_cuts(tvs, [density_to_k(d, n) for d in densities])
+    return [jnp.where(jnp.asarray(d) >= 1, value(tv),
+                      rescale_masked(lambda tv=tv: value(tv), lambda tv=tv, tc=tc: _keep(tv, *tc), rescale))
+            for tv, d, tc in zip(tvs, densities, cuts)]
 
 
 def bernoulli(tv: jax.Array, density, key: jax.Array, rescale=True) -> jax.Array:
