@@ -222,6 +222,52 @@ def test_dpo_mask_search_lowers_the_dpo_loss(models):
     assert soft_loss(s.theta) < 0.5 * before, (before, soft_loss(s.theta))
 
 
+def test_preference_type_joined_to_ce_adds_weighted_dpo(models):
+    """One batch of CE rows with preference triples appended: its objective is the CE of the CE
+    rows alone plus w · DPO of the triples alone, each computed on its own batch."""
+    from jmerge.search.gradient import _objective, joined_stream, mixed_stream
+    from jmerge.search.merged import weighted_ce
+    from jmerge.search.preference import dpo_objective, preference_batches, reference_logprobs
+    base, a, b = models
+    cfg = base.cfg
+    theta = Coefficients(k=2).theta0(cfg.num_layers)
+    tvs = task_vectors(base.params, [a.params, b.params])
+    typed = {"a": (greedy_data(a, 4), 1.0), "b": (greedy_data(b, 4, new=9, seed=5), 0.5)}
+    prefs = _triples(a, b, n=4)
+    spec = SearchSpec(batch_size=2, beta=0.2)
+    joined = next(joined_stream(mixed_stream(typed, 2, 0), preference_batches(prefs, 2, 1), 0.7))
+    ce, pref = next(mixed_stream(typed, 2, 0)), next(preference_batches(prefs, 2, 1))
+    assert joined["input_ids"].shape[0] == 4 + 4 and float(joined["weight"][4:].sum()) == 0.0
+    fwd = lambda batch: merged_forward(base.params, tvs, theta, cfg, batch, Coefficients(k=2))  # noqa: E731
+    joined["ref_logprob"] = reference_logprobs(base.params, {k: joined[k][-4:] for k in ("input_ids", "attention_mask", "loss_mask")}, cfg=cfg)
+    pref["ref_logprob"] = reference_logprobs(base.params, pref, cfg=cfg)
+    got = float(_objective(fwd(joined), joined, spec))
+    want = float(weighted_ce(fwd(ce), ce)) + 0.7 * float(dpo_objective(fwd(pref), pref, 0.2))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert abs(got - float(weighted_ce(fwd(ce), ce))) > 1e-3  # the DPO term is there
+
+
+def test_coefficient_search_with_a_joined_preference_type(models, tmp_path):
+    """CE on expert b's data plus a heavy DPO term preferring expert a's answers over b's: the
+    search moves toward a, and another preference weight is another run (no resume)."""
+    from jmerge.errors import JmergeError
+    base, a, b = models
+    param = Coefficients(k=2, transform="clamp", init=0.5)
+    spec = SearchSpec(steps=10, lr=0.1, batch_size=3, beta=0.5, checkpoint_every=5)
+    s = GradientSearch(base.cfg, base.params, [a.params, b.params], param, spec,
+                       param.theta0(base.cfg.num_layers), reference=base.params)
+    log = []
+    s.fit({"b": (greedy_data(b, 6), 0.01)}, ckpt_dir=tmp_path, progress=False, log=log,
+          prefs=(_triples(a, b), 5.0))
+    lam = np.asarray(s.theta["layers"])[:, :, 0]
+    assert lam[:, 0].mean() > lam[:, 1].mean(), lam
+    again = GradientSearch(base.cfg, base.params, [a.params, b.params], param, spec,
+                           param.theta0(base.cfg.num_layers), reference=base.params)
+    with pytest.raises(JmergeError, match="another model or config"):
+        again.fit({"b": (greedy_data(b, 6), 0.01)}, ckpt_dir=tmp_path, progress=False,
+                  prefs=(_triples(a, b), 1.0))
+
+
 @pytest.mark.parametrize("kw,needle", [
     (dict(objective="dpo", beta=0.0), "beta must be positive"),
     (dict(objective="dpo", beta=-1.0), "beta must be positive"),

@@ -82,6 +82,9 @@ def test_end_to_end(setup, capsys):
     (lambda c: c["searches"]["masks"].update(objective="dpo", data="safety", beta=0), "beta: expected a number > 0"),
     (lambda c: c["searches"]["masks"].update(objective="dpo", data="safety", reference="nobody"), "neither 'base'"),
     (lambda c: c["searches"]["masks"].update(objective="dpo", data="safety"), "line 1: missing 'chosen'"),
+    (lambda c: c["searches"]["coefficients"].update(prefer="nope"), "coefficients.prefer: 'nope' is not a data type"),
+    (lambda c: c["searches"]["masks"].update(objective="dpo", data="safety", prefer="safety"), "prefer adds a DPO term"),
+    (lambda c: c["searches"]["masks"].update(data="safety", prefer="safety"), "holds preference rows, not CE pairs"),
     (lambda c: c["data"]["safety"].update(source="benign:*"), "no row of"),
     (lambda c: c["data"]["safety"].update(source=3), "source: expected a glob"),
     (lambda c: c["data"]["safety"].update(tokens=0), "tokens: expected a positive whole number"),
@@ -141,6 +144,28 @@ def test_dpo_masks_job(setup, tmp_path):
     cfg["data"]["prefs"]["path"] = str(tmp_path / "empty.jsonl")
     with pytest.raises(JmergeError, match="no records"):
         Job(C.parse(cfg), progress=False)
+
+
+def test_coefficients_with_a_joined_preference_type(setup, tmp_path):
+    """`prefer:` reads that type as preference triples, keeps it out of the CE types, and adds its
+    DPO term to the coefficient search (reported with its beta and reference)."""
+    import copy
+
+    from jmerge.search import config as C
+    from jmerge.search.run import Job
+    d, cfg = setup
+    cfg = copy.deepcopy(cfg)
+    cfg["data"]["prefs"] = {"path": str(d / "prefs.jsonl"), "weight": 2.0, "tokens": 3}
+    cfg["searches"] = {"coefficients": {"steps": 2, "batch_size": 2, "prefer": "prefs", "beta": 0.3}}
+    cfg["out"] = str(tmp_path / "out")
+    job = Job(C.parse(cfg), progress=False)
+    assert set(job.typed) == {"safety", "domain"} and set(job.preferences) == {"prefs"}
+    prefs, w = job.preferences["prefs"]
+    assert w == 2.0 and all(int(p.chosen.loss_mask.sum()) <= 3 for p in prefs)
+    job.coefficients(job.c.searches["coefficients"])
+    info = job.results["searched:coefficients"]["info"]
+    assert (info["prefer"], info["beta"], info["reference"]) == ("prefs", 0.3, "base")
+    assert [r["step"] for r in job.logs["coefficients"]] == [1, 2]
 
 
 def test_data_types_split_by_source(setup, tmp_path):

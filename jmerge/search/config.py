@@ -16,10 +16,10 @@ from jmerge.errors import JmergeError
 
 SEARCHES = {
     "coefficients": dict(granularity="layer", transform="clamp", init=0.5, steps=40, lr=0.05, batch_size=4,
-                         clamp=[0.0, 1.0], warmup=0),
+                         clamp=[0.0, 1.0], warmup=0, prefer=None, beta=0.1, reference="base"),
     "masks": dict(safe=None, granularity="row", steps=40, lr=0.05, batch_size=4, temperature=0.5, init=0.0,
                   sparsity=0.0, shared=True, lam=1.0, export="soft", data=None, warmup=0, objective="ce",
-                  beta=0.1, reference="base"),
+                  beta=0.1, reference="base", prefer=None),
     "evolve": dict(method="ties", params=["weight", "density"], global_params=[], init={}, generations=6,
                    popsize=8, sigma0=1 / 6, batches=2, batch_size=4),
     "cocktail": dict(temperature=1.0, batches=2, batch_size=4),
@@ -63,9 +63,15 @@ class SearchConfig:
 
     @property
     def preference_data(self) -> set[str]:
-        """Data types of {prompt, chosen, rejected} rows: the one a dpo masks search reads."""
-        m = self.searches.get("masks")
-        return {m["data"]} if m and m["objective"] == "dpo" else set()
+        """Data types of {prompt, chosen, rejected} rows: the one a dpo masks search reads and any
+        search's `prefer` type (a DPO term added to its CE objective)."""
+        return preference_types(self.searches)
+
+
+def preference_types(searches: dict) -> set[str]:
+    out = {s["prefer"] for s in searches.values() if s.get("prefer")}
+    m = searches.get("masks")
+    return out | ({m["data"]} if m and m["objective"] == "dpo" else set())
 
 
 def _path(v, where: str) -> Path:
@@ -131,7 +137,6 @@ def parse(raw: Any, source: Path | None = None) -> SearchConfig:
     for name, s in searches.items():
         if s.get("steps", 1) <= 0 or s.get("generations", 1) <= 0:
             raise JmergeError(f"{where}.searches.{name}: steps/generations must be positive")
-    preference = set()
     if "masks" in searches:
         m, at = searches["masks"], f"{where}.searches.masks"
         if m["safe"] is not None and m["safe"] not in experts:
@@ -140,16 +145,27 @@ def parse(raw: Any, source: Path | None = None) -> SearchConfig:
             raise JmergeError(f"{at}.data: {m['data']!r} is not a data type")
         if m["objective"] not in ("ce", "dpo"):
             raise JmergeError(f"{at}.objective: expected ce or dpo, got {m['objective']!r}")
-        if m["objective"] == "dpo":
-            if m["data"] is None:
-                raise JmergeError(f"{at}.data: objective dpo needs the data type of its "
-                                  "{prompt, chosen, rejected} rows")
-            if not m["beta"] > 0:
-                raise JmergeError(f"{at}.beta: expected a number > 0, got {m['beta']!r}")
-            if m["reference"] != "base" and m["reference"] not in experts:
-                raise JmergeError(f"{at}.reference: {m['reference']!r} is neither 'base' nor one of the "
-                                  f"experts ({', '.join(experts)})")
-            preference = {m["data"]}
+        if m["objective"] == "dpo" and m["data"] is None:
+            raise JmergeError(f"{at}.data: objective dpo needs the data type of its "
+                              "{prompt, chosen, rejected} rows")
+        if m["objective"] == "dpo" and m["prefer"] is not None:
+            raise JmergeError(f"{at}.prefer: objective dpo is DPO on `data` alone; prefer adds a DPO "
+                              "term to the ce objective")
+    for name in ("coefficients", "masks"):
+        s, at = searches.get(name), f"{where}.searches.{name}"
+        if s is None or (s.get("objective", "ce") == "ce" and s["prefer"] is None):
+            continue
+        if s["prefer"] is not None and s["prefer"] not in data:
+            raise JmergeError(f"{at}.prefer: {s['prefer']!r} is not a data type")
+        if not s["beta"] > 0:
+            raise JmergeError(f"{at}.beta: expected a number > 0, got {s['beta']!r}")
+        if s["reference"] != "base" and s["reference"] not in experts:
+            raise JmergeError(f"{at}.reference: {s['reference']!r} is neither 'base' nor one of the "
+                              f"experts ({', '.join(experts)})")
+    preference = preference_types(searches)
+    for name, s in searches.items():
+        if s.get("objective", "ce") == "ce" and s.get("data") in preference:
+            raise JmergeError(f"{where}.searches.{name}.data: {s['data']!r} holds preference rows, not CE pairs")
     # Preference rows carry no CE weight: the weights that must not all be 0 are the CE types',
     # and only when a search optimises CE.
     needs_ce = bool({"coefficients", "evolve", "cocktail"} & set(searches)) or \

@@ -5,6 +5,8 @@ domain pairs — each type's CE is a mean over its response tokens. Every step m
 each type into one forward pass; the per-token weights carry w_type / n_tokens_type.
 Objective `dpo` (SOMF's): DPO on (prompt, chosen, rejected) triples, the merged model as the
 policy against a fixed reference model (see `preference.py`).
+Both at once: the `ce` objective plus w_pref · DPO on one preference type, whose triples ride as
+the last rows of the same batch (CE weight 0), so one forward pass serves both terms.
 
 Multi-process runs: every process draws the same global batch from the same seeded stream and
 builds only its addressable shards of it; the learnt state lives on the params' mesh.
@@ -70,6 +72,31 @@ def mixed_stream(typed: dict[str, tuple[list[data.Example], float]], batch_size:
         yield mixed_batch([(next(it), w) for it, w in its], pad_id)
 
 
+def joined_stream(ce, prefs, weight: float, pad_id: int = 0):
+    """CE batches with a preference batch appended as their last rows (CE weight 0) and the DPO
+    term's weight as `pref_weight`."""
+    for a, b in zip(ce, prefs):
+        b = dict(b, weight=np.zeros(b["input_ids"].shape, np.float32))
+        length = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+        pad = lambda x, k: np.pad(x, ((0, 0), (0, length - x.shape[1])),  # noqa: E731
+                                  constant_values=pad_id if k == "input_ids" else 0)
+        out = {k: np.concatenate([pad(a[k], k), pad(b[k], k)]).astype(a[k].dtype) for k in a}
+        out["pref_weight"] = np.float32(weight)
+        yield out
+
+
+def _objective(logits, batch, spec: SearchSpec):
+    if spec.objective == "dpo":
+        return dpo_objective(logits, batch, spec.beta)
+    loss = weighted_ce(logits, batch)
+    if "ref_logprob" in batch:  # a preference type joined: its rows are the batch's last
+        n = batch["ref_logprob"].shape[0]
+        tail = {"input_ids": batch["input_ids"][-n:], "loss_mask": batch["loss_mask"][-n:],
+                "ref_logprob": batch["ref_logprob"]}
+        loss = loss + batch["pref_weight"] * dpo_objective(logits[-n:], tail, spec.beta)
+    return loss
+
+
 def _optimizer(spec: SearchSpec):
     sched = optax.warmup_cosine_decay_schedule(0.0, spec.lr, max(spec.warmup, 1), max(spec.steps, spec.warmup + 1)) \
         if spec.warmup else spec.lr
@@ -80,7 +107,7 @@ def _optimizer(spec: SearchSpec):
 def _step(theta, opt_state, base, tvs, batch, key, *, cfg, param, spec: SearchSpec):
     def loss_fn(theta):
         logits = merged_forward(base, tvs, theta, cfg, batch, param, key=key)
-        loss = dpo_objective(logits, batch, spec.beta) if spec.objective == "dpo" else weighted_ce(logits, batch)
+        loss = _objective(logits, batch, spec)
         if isinstance(param, Masks) and spec.sparsity:
             probs = jax.tree.leaves(jax.tree.map(lambda t: jnp.mean(jax.nn.sigmoid(t)), theta))
             loss = loss + spec.sparsity * sum(probs) / len(probs)
@@ -145,8 +172,8 @@ def place_theta(theta, mesh):
 
 
 class GradientSearch:
-    """`reference`: the fixed model of the dpo objective (its logprobs are taken once per batch,
-    without gradients)."""
+    """`reference`: the fixed model of a DPO term (its logprobs are taken once per batch, without
+    gradients)."""
 
     def __init__(self, cfg, base, experts, param, spec: SearchSpec, theta0, reference=None):
         if spec.steps <= 0 or spec.batch_size <= 0:
@@ -157,6 +184,7 @@ class GradientSearch:
             raise JmergeError(f"dpo beta must be positive (got {spec.beta})")
         if spec.objective == "dpo" and reference is None:
             raise JmergeError("the dpo objective needs a reference model")
+        self.prefs = None  # (preference triples, weight) joined to a ce objective, set by fit
         self.cfg, self.base, self.param, self.spec, self.reference = cfg, base, param, spec, reference
         self.mesh = _mesh(base)
         self.tvs = task_vectors(base, experts)
@@ -173,24 +201,48 @@ class GradientSearch:
                 raise JmergeError(f"the dpo objective takes one preference data type, not {len(typed)}")
             (prefs, _), = typed.values()
             return preference_batches(prefs, self.spec.batch_size, self.spec.seed, pad_id)
-        return mixed_stream(typed, self.spec.batch_size, self.spec.seed, pad_id)
+        ce = mixed_stream(typed, self.spec.batch_size, self.spec.seed, pad_id)
+        if self.prefs is None:
+            return ce
+        prefs, w = self.prefs
+        return joined_stream(ce, preference_batches(prefs, self.spec.batch_size, self.spec.seed + 1, pad_id), w,
+                             pad_id)
 
     def _device_batch(self, batch: dict) -> dict:
-        batch = place_batch(batch, self.mesh)
         if self.spec.objective == "dpo":
+            batch = place_batch(batch, self.mesh)
             batch["ref_logprob"] = reference_logprobs(self.reference, batch, cfg=self.cfg)
+        elif "pref_weight" in batch:
+            n = 2 * self.spec.batch_size
+            tail = place_batch({k: batch[k][-n:] for k in ("input_ids", "attention_mask", "loss_mask")}, self.mesh)
+            batch = place_batch(batch, self.mesh)
+            batch["ref_logprob"] = reference_logprobs(self.reference, tail, cfg=self.cfg)
+        else:
+            batch = place_batch(batch, self.mesh)
         return batch
 
-    def fit(self, typed, pad_id=0, ckpt_dir: str | Path | None = None, progress=True, log=None):
+    def fit(self, typed, pad_id=0, ckpt_dir: str | Path | None = None, progress=True, log=None, prefs=None):
+        """`prefs`: (preference triples, weight), a DPO term joined to the ce objective."""
         from tqdm.auto import tqdm
+        if prefs is not None:
+            if self.spec.objective != "ce":
+                raise JmergeError("a preference type joins the ce objective only")
+            if self.reference is None:
+                raise JmergeError("a preference type needs a reference model")
+            if not prefs[0]:
+                raise JmergeError("the preference data type is empty")
+            self.prefs = prefs
         if not typed or all(len(exs) == 0 for exs, _ in typed.values()):
             raise JmergeError("search needs data: every data type is empty")
         if self.spec.objective == "ce" and sum(w for _, w in typed.values()) == 0:
             raise JmergeError("data type weights sum to 0")
         ckpt = None
         if ckpt_dir is not None:
-            fp = fingerprint(self.cfg.hf_config, dataclasses.asdict(self.spec), repr(self.param),
-                             {k: (len(e), _targets(e), w) for k, (e, w) in typed.items()})
+            parts = [self.cfg.hf_config, dataclasses.asdict(self.spec), repr(self.param),
+                     {k: (len(e), _targets(e), w) for k, (e, w) in typed.items()}]
+            if prefs is not None:
+                parts.append((len(prefs[0]), prefs[1], _targets([x for p in prefs[0] for x in (p.chosen, p.rejected)])))
+            fp = fingerprint(*parts)
             ckpt = RunCheckpoint(ckpt_dir, fp)
             if (found := ckpt.restore(self._state())) is not None:
                 self.step, st = found

@@ -28,7 +28,7 @@ from jmerge.search.gradient import GradientSearch, SearchSpec, mixed_stream
 from jmerge.search.merged import materialise, task_vectors
 from jmerge.search.params import Coefficients, Masks, MethodParams, _paths
 from jmerge.search.population import EvolveSpec, cocktail_weights, evolve, linear_merge
-from jmerge.search.preference import encode_preferences, read_preferences
+from jmerge.search.preference import Preference, encode_preferences, read_preferences
 
 # Fixed-coefficient merges every report compares against (documented in the README).
 BASELINE_SETTINGS = {
@@ -69,7 +69,10 @@ class Job:
         self.typed, self.preferences = {}, {}  # CE pairs; (prompt, chosen, rejected) triples
         for name, spec in cfg.data.items():
             if name in cfg.preference_data:
-                self.preferences[name] = (encode_preferences(self.tokenizer, rows[name], cfg.max_len), spec.weight)
+                prefs = encode_preferences(self.tokenizer, rows[name], cfg.max_len)
+                if spec.tokens:
+                    prefs = [Preference(*_opening([p.chosen, p.rejected], spec.tokens)) for p in prefs]
+                self.preferences[name] = (prefs, spec.weight)
             else:
                 exs = data.encode_pairs(self.tokenizer, rows[name], cfg.max_len)
                 self.typed[name] = (_opening(exs, spec.tokens) if spec.tokens else exs, spec.weight)
@@ -88,6 +91,17 @@ class Job:
         stream = mixed_stream(typed, size, self.c.seed + 17, self.pad_id)  # apart from training order
         return [next(stream) for _ in range(n)]
 
+    def _preferences(self, s: dict):
+        """(joined preference triples and weight or None, the DPO reference model or None, report
+        info) of a gradient search: a dpo objective or a ce objective with a `prefer` type."""
+        if s.get("objective", "ce") == "ce" and not s.get("prefer"):
+            return None, None, {}
+        reference = self.base if s["reference"] == "base" else self.experts[s["reference"]]
+        info = dict(beta=s["beta"], reference=s["reference"])
+        if s.get("prefer"):
+            info["prefer"] = s["prefer"]
+        return (self.preferences[s["prefer"]] if s.get("prefer") else None), reference, info
+
     def coefficients(self, s: dict) -> None:
         names = list(self.experts)
         modules = ()
@@ -97,11 +111,12 @@ class Job:
             raise JmergeError(f"searches.coefficients.granularity must be layer or layer_module, not {s['granularity']!r}")
         param = Coefficients(k=len(names), modules=modules, transform=s["transform"], init=s["init"],
                              clamp=tuple(s["clamp"]))
+        prefs, reference, extra = self._preferences(s)
         search = GradientSearch(self.model_cfg, self.base, list(self.experts.values()), param, self._spec(s),
-                                param.theta0(self.model_cfg.num_layers))
+                                param.theta0(self.model_cfg.num_layers), reference=reference)
         log = self.logs.setdefault("coefficients", [])
-        search.fit(self.typed, self.pad_id, self.out / "checkpoints" / "coefficients", self.progress, log)
-        info = dict(experts=names, **param.report(search.theta))
+        search.fit(self.typed, self.pad_id, self.out / "checkpoints" / "coefficients", self.progress, log, prefs)
+        info = dict(experts=names, **extra, **param.report(search.theta))
         self.results["searched:coefficients"] = dict(params=search.merged(), info=info)
 
     def masks(self, s: dict) -> None:
@@ -113,17 +128,16 @@ class Job:
                   granularity=s["granularity"], temperature=s["temperature"], init=s["init"])
         param = Masks(**kw)
         safe_params = self.experts[safe]
-        reference, info = None, dict(safe=safe, experts=others, export=s["export"], objective=s["objective"])
+        prefs, reference, extra = self._preferences(s)
+        info = dict(safe=safe, experts=others, export=s["export"], objective=s["objective"], **extra)
         if s["objective"] == "dpo":
             typed = {s["data"]: self.preferences[s["data"]]}
-            reference = self.base if s["reference"] == "base" else self.experts[s["reference"]]
-            info.update(beta=s["beta"], reference=s["reference"])
         else:
             typed = self.typed if s["data"] is None else {s["data"]: self.typed[s["data"]]}
         search = GradientSearch(self.model_cfg, safe_params, [self.experts[n] for n in others], param,
                                 self._spec(s), param.theta0(safe_params), reference=reference)
         log = self.logs.setdefault("masks", [])
-        search.fit(typed, self.pad_id, self.out / "checkpoints" / "masks", self.progress, log)
+        search.fit(typed, self.pad_id, self.out / "checkpoints" / "masks", self.progress, log, prefs)
         merged = search.merged(Masks(**kw, mode=s["export"]))
         self._save_masks(search.theta, param)
         keep = float(np.mean([float(jnp.mean(jax.nn.sigmoid(t))) for t in jax.tree.leaves(search.theta)]))
