@@ -118,16 +118,15 @@ def gta_merge(method: str, base: jax.Array, models: Sequence[jax.Array], params:
     for name, default in model_defaults.items():
         p[name] = per_model(params.get(name, default), n, name, method)
     b = jnp.asarray(base).astype(F32)
-    deltas = []
+    tvs = [(jnp.asarray(m), jnp.asarray(base)) if tv_as_pair else jnp.asarray(m).astype(F32) - b
+           for m in models]
     if sparsify_all is not None:
-        pairs = [(jnp.asarray(m), jnp.asarray(base)) for m in models]
-        deltas = sparsify_all(pairs if tv_as_pair else [jnp.asarray(m).astype(F32) - b for m in models], p)
-    for i, m in enumerate(models if sparsify_all is None else ()):
-        tv = jnp.asarray(m).astype(F32) - b
-        if sparsify is not None:
-            key_i = None if key is None else jax.random.fold_in(key, i)
-            tv = sparsify((jnp.asarray(m), jnp.asarray(base)) if tv_as_pair else tv, i, p, key_i)
-        deltas.append(tv)
+        deltas = sparsify_all(tvs, p)
+    elif sparsify is not None:
+        deltas = [sparsify(tv, i, p, None if key is None else jax.random.fold_in(key, i))
+                  for i, tv in enumerate(tvs)]
+    else:
+        deltas = [jnp.asarray(m).astype(F32) - b for m in models]
     mixed = combine(deltas, p["weight"], consensus=consensus, normalize=p["normalize"],
                     lam=p["lambda"])
     return (b + mixed).astype(jnp.asarray(base).dtype)
