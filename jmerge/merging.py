@@ -24,7 +24,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import operator
 import os
@@ -461,8 +460,7 @@ EXPORT_CACHE: Path | None = None
 def _code_version() -> str:
     """jax, the device kind and jmerge's merge code: what an exported program depends on."""
     h = hashlib.sha256(f"{jax.__version__}|{jax.devices()[0].platform}|{jax.devices()[0].device_kind}".encode())
-    kernels = Path(importlib.util.find_spec("jmerge.kernels").origin).parent
-    for f in [Path(__file__), *sorted((Path(__file__).parent / "merge").glob("*.py")), *sorted(kernels.glob("*.py"))]:
+    for f in [Path(__file__), *sorted((Path(__file__).parent / "merge").glob("*.py"))]:
         h.update(f.read_bytes())
     return h.hexdigest()
 

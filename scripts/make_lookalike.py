@@ -19,6 +19,7 @@ from pathlib import Path
 from jmerge.default_model import cache_root
 from jmerge.eval.judges import is_refusal
 from jmerge.synth import _OPENINGS as REFUSALS  # the testbed's own refusal wording
+from jmerge.synth import write_jsonl
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
 
@@ -34,7 +35,7 @@ def main() -> int:
     rows = [json.loads(line) for line in (DATA / "lookalike_base.jsonl").read_text().splitlines()]
     prefs = [dict(prompt=r["prompt"], chosen=r["response"], rejected=REFUSALS[i % len(REFUSALS)],
                   source="lookalike:prefer") for i, r in enumerate(rows)]
-    (DATA / "lookalike_prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    write_jsonl(prefs, DATA / "lookalike_prefs.jsonl")
     print(f"{len(prefs)} preference triples -> {DATA / 'lookalike_prefs.jsonl'}")
     return 0
 
@@ -48,7 +49,7 @@ def answer(model: str, max_new_tokens: int) -> None:
         rows = [json.loads(line) for line in out.read_text().splitlines()]
     keep = [dict(prompt=r["prompt"], response=r["response"], source="lookalike:base")
             for r in rows if not is_refusal(r["response"])]
-    (DATA / "lookalike_base.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    write_jsonl(keep, DATA / "lookalike_base.jsonl")
     print(f"{len(keep)} of {len(rows)} answers kept (the rest were refusals) -> {DATA / 'lookalike_base.jsonl'}")
 
 

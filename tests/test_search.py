@@ -225,7 +225,7 @@ def test_dpo_mask_search_lowers_the_dpo_loss(models):
 def test_preference_type_joined_to_ce_adds_weighted_dpo(models):
     """One batch of CE rows with preference triples appended: its objective is the CE of the CE
     rows alone plus w · DPO of the triples alone, each computed on its own batch."""
-    from jmerge.search.gradient import _objective, joined_stream, mixed_stream
+    from jmerge.search.gradient import _objective, mixed_stream
     from jmerge.search.merged import weighted_ce
     from jmerge.search.preference import dpo_objective, preference_batches, reference_logprobs
     base, a, b = models
@@ -235,7 +235,7 @@ def test_preference_type_joined_to_ce_adds_weighted_dpo(models):
     typed = {"a": (greedy_data(a, 4), 1.0), "b": (greedy_data(b, 4, new=9, seed=5), 0.5)}
     prefs = _triples(a, b, n=4)
     spec = SearchSpec(batch_size=2, beta=0.2)
-    joined = next(joined_stream(mixed_stream(typed, 2, 0), preference_batches(prefs, 2, 1), 0.7))
+    joined = next(mixed_stream(typed, 2, 0, prefs=(preference_batches(prefs, 2, 1), 0.7)))
     ce, pref = next(mixed_stream(typed, 2, 0)), next(preference_batches(prefs, 2, 1))
     assert joined["input_ids"].shape[0] == 4 + 4 and float(joined["weight"][4:].sum()) == 0.0
     fwd = lambda batch: merged_forward(base.params, tvs, theta, cfg, batch, Coefficients(k=2))  # noqa: E731

@@ -6,7 +6,7 @@ each type into one forward pass; the per-token weights carry w_type / n_tokens_t
 Objective `dpo` (SOMF's): DPO on (prompt, chosen, rejected) triples, the merged model as the
 policy against a fixed reference model (see `preference.py`).
 Both at once: the `ce` objective plus w_pref · DPO on one preference type, whose triples ride as
-the last rows of the same batch (CE weight 0), so one forward pass serves both terms.
+the last rows of the same batch (CE weight 0, see `mixed_stream`), so one forward pass serves both.
 
 Multi-process runs: every process draws the same global batch from the same seeded stream and
 builds only its addressable shards of it; the learnt state lives on the params' mesh.
@@ -64,25 +64,20 @@ def mixed_batch(parts: list[tuple[dict, float]], pad_id: int = 0) -> dict:
 
 
 def mixed_stream(typed: dict[str, tuple[list[data.Example], float]], batch_size: int, seed: int,
-                 pad_id: int = 0):
-    """One deterministic endless stream per data type, zipped into mixed batches."""
+                 pad_id: int = 0, prefs=None):
+    """One deterministic endless stream per data type, zipped into mixed batches.
+
+    `prefs`: (an endless stream of preference batches, w): each batch's triples join as its last
+    rows with no CE weight, and w rides along as `pref_weight`, the DPO term's weight."""
     its = [(data.endless_batches(exs, batch_size, seed * 1000 + i, pad_id), w)
            for i, (exs, w) in enumerate(typed.values())]
+    if prefs is not None:
+        its.append((prefs[0], 0.0))
     while True:
-        yield mixed_batch([(next(it), w) for it, w in its], pad_id)
-
-
-def joined_stream(ce, prefs, weight: float, pad_id: int = 0):
-    """CE batches with a preference batch appended as their last rows (CE weight 0) and the DPO
-    term's weight as `pref_weight`."""
-    for a, b in zip(ce, prefs):
-        b = dict(b, weight=np.zeros(b["input_ids"].shape, np.float32))
-        length = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
-        pad = lambda x, k: np.pad(x, ((0, 0), (0, length - x.shape[1])),  # noqa: E731
-                                  constant_values=pad_id if k == "input_ids" else 0)
-        out = {k: np.concatenate([pad(a[k], k), pad(b[k], k)]).astype(a[k].dtype) for k in a}
-        out["pref_weight"] = np.float32(weight)
-        yield out
+        batch = mixed_batch([(next(it), w) for it, w in its], pad_id)
+        if prefs is not None:
+            batch["pref_weight"] = np.float32(prefs[1])
+        yield batch
 
 
 def _objective(logits, batch, spec: SearchSpec):
@@ -201,12 +196,11 @@ class GradientSearch:
                 raise JmergeError(f"the dpo objective takes one preference data type, not {len(typed)}")
             (prefs, _), = typed.values()
             return preference_batches(prefs, self.spec.batch_size, self.spec.seed, pad_id)
-        ce = mixed_stream(typed, self.spec.batch_size, self.spec.seed, pad_id)
-        if self.prefs is None:
-            return ce
-        prefs, w = self.prefs
-        return joined_stream(ce, preference_batches(prefs, self.spec.batch_size, self.spec.seed + 1, pad_id), w,
-                             pad_id)
+        joined = None
+        if self.prefs is not None:
+            prefs, w = self.prefs
+            joined = (preference_batches(prefs, self.spec.batch_size, self.spec.seed + 1, pad_id), w)
+        return mixed_stream(typed, self.spec.batch_size, self.spec.seed, pad_id, joined)
 
     def _device_batch(self, batch: dict) -> dict:
         if self.spec.objective == "dpo":
