@@ -1,6 +1,10 @@
 """Build the testbed from SmolLM2-135M-Instruct: a safety expert and a finance domain expert.
 
-    python scripts/build_testbed.py [--force] [--no-eval] [--xstest DIR] [--out-card FILE]
+    python scripts/build_testbed.py [--force] [--no-eval] [--xstest DIR] [--out-card FILE] [--smoke]
+
+`--smoke` builds a minutes-long miniature with the same stages (a few prompts, two training steps
+per expert, a handful of held-out items) and links it as `testbed/smoke`, never `testbed/current`:
+it is the small config CI runs the main command on (`bash scripts/demo.sh --smoke`), not a testbed.
 
 Stages (each skipped when its output exists, so an interrupted build resumes; training resumes
 from its orbax checkpoints):
@@ -60,6 +64,12 @@ class Settings:
     n_harmful_test: int = 128
     n_finance_test: int = 100
     n_xstest_safe: int = 125
+
+
+# The smoke build: every stage runs, on numbers that fit a CI minute, not a testbed worth measuring.
+SMOKE = dict(n_harmful_train=8, n_benign_train=8, benign_max_new_tokens=16, gen_batch=8,
+             n_finance_train=16, safety_steps=2, domain_steps=2, batch_size=4, warmup=1,
+             eval_max_new_tokens=16, n_harmful_test=8, n_finance_test=8, n_xstest_safe=8)
 
 
 # Source files whose content decides the outputs: a change rebuilds.
@@ -238,11 +248,14 @@ def _main(argv=None) -> int:
                    help="XSTest csv or a directory holding it (dev data; default $JMERGE_DATA)")
     p.add_argument("--out-card", help="also write the card (markdown) here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.add_argument("--smoke", action="store_true",
+                   help="the miniature build CI runs the main command on (linked as testbed/smoke)")
     a = p.parse_args(argv)
+    link = "smoke" if a.smoke else "current"
 
     from jmerge.errors import JmergeError
     fields = {f.name: f for f in dataclasses.fields(Settings)}
-    over = {}
+    over = dict(SMOKE) if a.smoke else {}
     for kv in a.set:
         k, _, v = kv.partition("=")
         if k not in fields or not v:
@@ -260,7 +273,7 @@ def _main(argv=None) -> int:
     if done.exists() and not a.force:
         finalize(out, s)
         log(f"up to date: {out}")
-        _link_current(out)
+        _link_current(out, link)
         if a.out_card and (out / "card.md").exists():
             Path(a.out_card).write_text((out / "card.md").read_text())
         print(out)
@@ -304,7 +317,7 @@ def _main(argv=None) -> int:
     times["total_s"] = round(time.time() - t_start)
     (out / "times.json").write_text(json.dumps(times))
     done.write_text(json.dumps(times))
-    _link_current(out)
+    _link_current(out, link)
     if a.out_card and (out / "card.md").exists():
         Path(a.out_card).write_text((out / "card.md").read_text())
     log(f"done in {times['total_s']}s: {out}")
@@ -312,9 +325,9 @@ def _main(argv=None) -> int:
     return 0
 
 
-def _link_current(out: Path) -> None:
-    link = out.parent / "current"
-    tmp = out.parent / f".current.{os.getpid()}"
+def _link_current(out: Path, name: str = "current") -> None:
+    link = out.parent / name
+    tmp = out.parent / f".{name}.{os.getpid()}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(out.name)
     tmp.replace(link)
