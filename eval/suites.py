@@ -22,7 +22,6 @@ so every choice scores the same context tokens.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -35,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jmerge import sharding as shd
 from jmerge.errors import JmergeError
+from jmerge.io.files import loads_json, read_text
 from jmerge.eval import judges as J
 from jmerge.eval.prompts import Prompt, load_builtin, split_train_test
 from jmerge.generate import Generator, Sampling, bucket_length, default_eos_ids
@@ -278,22 +278,16 @@ class DomainTask:
 
 
 def _records(path: Path) -> list[tuple[str, dict]]:
-    if not path.is_file():
+    if not path.exists():
         raise JmergeError(f"domain file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, "domain file")
     recs = []
     if path.suffix.lower() == ".jsonl":
         for i, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                try:
-                    recs.append((str(i), json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise JmergeError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+                recs.append((str(i), loads_json(line, path, f"line {i}", kind=None)))
     elif path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            raise JmergeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        data = loads_json(text, path, "domain file", kind=None) if text.strip() else []
         if not isinstance(data, list):
             raise JmergeError(f"{path}: expected a JSON list of records")
         recs = [(str(i), r) for i, r in enumerate(data, start=1)]

@@ -18,6 +18,7 @@ import numpy as np
 
 from jmerge.config import ModelConfig, from_hf_dict, load_config
 from jmerge.errors import JmergeError, collect
+from jmerge.io.files import read_bytes, read_text
 from jmerge.plan import MergePlan, Resolved, load_plan, resolve
 
 # Fields that must agree for tensors to line up (vocab and layer count may differ).
@@ -55,12 +56,18 @@ class Checked:
 
 def read_vocab(d: Path) -> dict[str, int] | None:
     f = d / "tokenizer.json"
-    if f.exists():
-        from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(f)).get_vocab(with_added_tokens=True)
-    if any((d / n).exists() for n in ("tokenizer.model", "vocab.json")):
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(d)).get_vocab()
+    try:
+        if f.exists():
+            from tokenizers import Tokenizer
+            return Tokenizer.from_str(read_text(f, "tokenizer.json")).get_vocab(with_added_tokens=True)
+        if any((d / n).exists() for n in ("tokenizer.model", "vocab.json")):
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(str(d)).get_vocab()
+    except JmergeError:
+        raise
+    except Exception as e:  # tokenizers / transformers / sentencepiece errors share no base class
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise JmergeError(f"{d}: cannot read the tokenizer ({first})") from None
     return None
 
 
@@ -69,7 +76,7 @@ def _tokenizer_digest(d: Path | None) -> str | None:
     if d is None or not (d / "tokenizer.json").exists():
         return None
     import hashlib
-    return hashlib.sha256((d / "tokenizer.json").read_bytes()).hexdigest()
+    return hashlib.sha256(read_bytes(d / "tokenizer.json", "tokenizer.json")).hexdigest()
 
 
 def locate(ref: str, config_dir: Path) -> str:
@@ -93,14 +100,14 @@ def open_model(ref: str, config_dir: Path) -> ModelInput:
     if not path.exists():
         raise JmergeError(f"{ref}: no such file or directory")
     if adapter is None and peft.is_adapter_dir(path):
-        named = peft.LoraAdapter(path).config.get("base_model_name_or_path")
+        named = peft.read_adapter_config(path).get("base_model_name_or_path")
         raise JmergeError(f"{ref}: a LoRA adapter needs its base: write BASE+{ref} (its config names {named!r})")
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         raise JmergeError(pickle_message(path))
     if path.suffix == ".gguf":
         from jmerge.io.gguf import read_gguf
         g = read_gguf(path)
-        cfg, source, write_tok, tok_dir = from_hf_dict(g.config), GGUFSource(g), g.save_tokenizer, None
+        cfg, source, write_tok, tok_dir = from_hf_dict(g.config, str(path)), GGUFSource(g), g.save_tokenizer, None
     elif orbax_io.is_orbax_dir(path):
         raise JmergeError(f"{ref}: orbax directories cannot be merge inputs; export to HF first "
                           f"(jmerge convert {ref} OUT)")
@@ -141,7 +148,7 @@ def out_config(plan: MergePlan, models: dict[str, ModelInput], ref: str, res: Re
         conf["layer_types"] = types
     if out_dtype:
         conf["torch_dtype" if "torch_dtype" in conf else "dtype"] = out_dtype
-    return from_hf_dict(conf)
+    return from_hf_dict(conf, f"{plan.path}: the merged model's config (from {ref})")
 
 
 def check_plan(plan: MergePlan, *, scan_values: bool = False, progress: bool = False) -> Checked:
@@ -155,6 +162,8 @@ def check_plan(plan: MergePlan, *, scan_values: bool = False, progress: bool = F
     for ref in plan.referenced():
         try:
             models[ref] = open_model(ref, config_dir)
+            if models[ref].tokenizer_dir is not None and models[ref].tokenizer_dir.is_dir():
+                hf.check_tokenizer(models[ref].tokenizer_dir)  # the merge copies these files
         except JmergeError as e:
             problems.append(str(e))
     collect(problems, f"{plan.path}: cannot open models")
@@ -220,8 +229,8 @@ def scan_finite(models: dict[str, ModelInput], progress: bool = False) -> None:
     collect([f"{b} has NaN/Inf values" for b in bad], "non-finite weights")
 
 
-def check(config: str | Path, *, scan_values: bool = True) -> Checked:
-    return check_plan(load_plan(config), scan_values=scan_values)
+def check(config: str | Path, *, scan_values: bool = True, lenient: bool = False) -> Checked:
+    return check_plan(load_plan(config, lenient=lenient), scan_values=scan_values)
 
 
 def main(argv=None) -> int:
@@ -229,9 +238,11 @@ def main(argv=None) -> int:
     p = ArgumentParser(prog="jmerge check", description=__doc__.splitlines()[0])
     p.add_argument("config", help="mergekit-style YAML")
     p.add_argument("--no-scan", action="store_true", help="headers only: skip the NaN/Inf pass over the weights")
+    p.add_argument("--lenient", action="store_true",
+                   help="warn about parameter names no merge method knows instead of refusing them")
     a = p.parse_args(argv)
-    c = check(a.config, scan_values=not a.no_scan)
-    for w in c.warnings:
+    c = check(a.config, scan_values=not a.no_scan, lenient=a.lenient)
+    for w in c.plan.warnings + c.warnings:
         print(f"warning: {w}", file=sys.stderr)
     n_in = len(c.models)
     print(f"ok: {c.plan.method.name}, {n_in} models, {len(c.resolved.jobs)} output tensors, "

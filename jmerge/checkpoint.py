@@ -8,20 +8,42 @@ silently picks up a stale state.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
+import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 
 from jmerge.errors import JmergeError
+from jmerge.io.files import field, read_json
 
 
 def fingerprint(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """A failed orbax read is reported as one line by the caller; meanwhile orbax logs it at ERROR
+    and its abandoned reads print "Exception ignored" tracebacks when collected, so both are
+    silenced for the duration (the collection included)."""
+    log, hook = logging.getLogger("absl"), sys.unraisablehook
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
+        log.setLevel(level)
 
 
 class RunCheckpoint:
@@ -68,14 +90,30 @@ class RunCheckpoint:
             shutil.rmtree(old, ignore_errors=True)
 
     def restore(self, like) -> tuple[int, Any] | None:
-        """(step, state shaped like `like`) from the latest checkpoint, or None if there is none."""
+        """(step, state shaped like `like`) from the latest checkpoint, or None if there is none.
+        A damaged checkpoint (meta or orbax files) is one JmergeError saying how to start over."""
         meta = self.root / "meta.json"
         if not meta.exists():
             return None
-        m = json.loads(meta.read_text())
-        if m.get("fingerprint") != self.fp:
+        start_over = f"delete {self.root} to start this run over"
+        try:
+            m = read_json(meta, "checkpoint meta")
+            fp = field(m, "fingerprint", str, meta, "checkpoint meta")
+            step = field(m, "step", int, meta, "checkpoint meta")
+        except JmergeError as e:
+            raise JmergeError(f"{e}; the checkpoint is damaged: {start_over}") from None
+        if fp != self.fp:
             raise JmergeError(f"{self.root}: checkpoint is from another model or config "
                               "(remove it or choose another output directory)")
+        if step < 0:
+            raise JmergeError(f"{meta}: step {step} is negative; the checkpoint is damaged: {start_over}")
         from jmerge.io.orbax_io import _load
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-        return int(m["step"]), _load(self.root / f"step_{m['step']:08d}", target)
+        where = self.root / f"step_{step:08d}"
+        with _quiet_orbax():
+            try:
+                return step, _load(where, target)
+            except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds for bad files)
+                failure = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+        raise JmergeError(f"{where}: checkpoint cannot be restored ({failure}); the checkpoint is damaged: "
+                          f"{start_over}")

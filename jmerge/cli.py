@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from jmerge.errors import JmergeError
 
@@ -30,16 +33,53 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def run(main, argv=None) -> int:
-    """Run a command's main; user errors become one line on stderr and exit code 2."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so the same cleanup as for Ctrl-C runs (temporary
+    outputs removed, old outputs kept)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return main(argv) or 0
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def run(main, argv=None) -> int:
+    """Run a command's main; user errors become one line on stderr and exit code 2, SIGTERM and
+    Ctrl-C clean up and exit 143 / 130, a bug is one line too (JMERGE_DEBUG=1: the traceback)."""
+    try:
+        with _sigterm_as_interrupt():
+            return main(argv) or 0
     except JmergeError as e:
         sys.stderr.write(f"jmerge: error: {e}\n")
         return e.exit_code
+    except Terminated:
+        sys.stderr.write("jmerge: terminated\n")
+        return 143
     except KeyboardInterrupt:
         sys.stderr.write("jmerge: interrupted\n")
         return 130
+    except Exception as e:
+        if os.environ.get("JMERGE_DEBUG", "") not in ("", "0"):
+            raise
+        sys.stderr.write(f"jmerge: internal error: {type(e).__name__}: {_one_line(e)} "
+                         f"(set JMERGE_DEBUG=1 for the traceback)\n")
+        return 1
 
 
 def main(argv=None) -> int:
@@ -56,8 +96,8 @@ def main(argv=None) -> int:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         sys.stderr.write(f"jmerge: error: unknown command {name!r}{hint}; commands: {', '.join(COMMANDS)}\n")
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return run(module.main, rest)
+    # imported inside run: a command that fails to import is an internal error, one line too
+    return run(lambda args: importlib.import_module(COMMANDS[name][0]).main(args), rest)
 
 
 # Commands whose work is all on disk (written, synced, renamed) when main returns: they leave

@@ -20,7 +20,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--mesh", help="device mesh, e.g. fsdp=4,tensor=2 (default: all devices on fsdp)")
     p.add_argument("--base", help="base model for an adapter directory")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists (never an input, nor a folder holding one)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -32,9 +33,9 @@ def convert(src, out, *, to="hf", dtype=None, max_shard_size="5GB", mesh=None, b
 
     from jmerge import sharding
     from jmerge.io import hf, load_model, orbax_io
-    from jmerge.io.atomic import check_target
+    from jmerge.io.atomic import check_target, model_inputs
 
-    check_target(out, force)  # fail before any heavy work
+    check_target(out, force, inputs=model_inputs(src, base))  # fail before any heavy work
     t0 = time.perf_counter()
     m = load_model(src, mesh=sharding.make_mesh(mesh), dtype=dtype and jnp.dtype(dtype),
                    allow_nonfinite=allow_nonfinite, progress=progress, base=base)

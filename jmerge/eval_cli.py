@@ -70,14 +70,28 @@ def _model_names(models: list[str]) -> list[str]:
     return names
 
 
+def _inputs(a) -> list:
+    """Every path the evaluation reads but the data directory: the report must not be, hold or
+    lie inside any of them."""
+    from jmerge.io.atomic import model_inputs
+    models = [p for m in a.models for p in model_inputs(m)] + model_inputs(a.judge)
+    return models + [a.judge_template, a.safety_prompts, *(a.domain or []), a.chat_template]
+
+
+def _data_dirs(a) -> list:
+    return [a.data or os.environ.get("JMERGE_DATA")]
+
+
 def _tokenizer_for(model: str, chat_template_file, need_chat: bool):
-    """The model's tokenizer when it has tokenizer files (None for GGUF: read with the weights)."""
-    from jmerge.generate import has_tokenizer_files, load_tokenizer, require_chat_template
+    """The model's tokenizer, read before any weight so a missing or broken one is found up front
+    (None for GGUF: its tokenizer lives in the metadata read with the weights)."""
+    from jmerge.generate import load_tokenizer, require_chat_template, tokenizer_home
     from jmerge.io import split_adapter
     base = split_adapter(model)[0]
     if not Path(base).exists():
         raise JmergeError(f"{base}: no such file or directory")
-    tok = load_tokenizer(base, None, chat_template_file) if has_tokenizer_files(base) else None
+    home = tokenizer_home(model)
+    tok = None if home.suffix == ".gguf" else load_tokenizer(home, None, chat_template_file)
     if tok is not None and need_chat:
         require_chat_template(tok)
     return tok
@@ -101,7 +115,7 @@ def main(argv=None) -> int:
         raise JmergeError("--domain given but the domain suite is not selected (add it to --suite)")
     if a.judge and "safety" not in suites:
         raise JmergeError("--judge given but the safety suite is not selected (add it to --suite)")
-    out = check_target(a.out, a.force)
+    out = check_target(a.out, a.force, inputs=_inputs(a), data_dirs=_data_dirs(a))
     data = a.data or os.environ.get("JMERGE_DATA")
     if a.data and not Path(a.data).is_dir():
         raise JmergeError(f"--data {a.data}: not a directory")
@@ -187,7 +201,7 @@ def main(argv=None) -> int:
 
     from jmerge.eval.report import write_report
     from jmerge.io.atomic import atomic_dir
-    with atomic_dir(out, a.force) as tmp:
+    with atomic_dir(out, a.force, inputs=_inputs(a), data_dirs=_data_dirs(a)) as tmp:
         files = write_report(report, tmp)
     print(f"report -> {out}/ ({', '.join(f.name for f in files.values())})", file=sys.stderr)
     return 0

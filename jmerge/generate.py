@@ -33,8 +33,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jmerge import sharding as shd
-from jmerge.config import ModelConfig
+from jmerge.config import ModelConfig, load_config
 from jmerge.errors import JmergeError
+from jmerge.io.files import read_json, read_text
 from jmerge.models import llama
 
 # Bumped each time the generation program is traced (tests count recompilations with it).
@@ -221,6 +222,7 @@ class Generator:
             raise JmergeError("no prompts to generate from")
         if any(len(p) == 0 for p in prompts):
             raise JmergeError("a prompt is empty after tokenization")
+        check_prompt_lengths(prompts, self.cfg)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         rows = min(self.batch_size, len(prompts))
         batches = [order[i:i + rows] for i in range(0, len(order), rows)]
@@ -306,13 +308,22 @@ def default_eos_ids(cfg: ModelConfig, tokenizer=None, model_dir: str | Path | No
         ids.add(int(tokenizer.eos_token_id))
     if model_dir is not None:
         gc = Path(model_dir) / "generation_config.json"
-        if gc.is_file():
-            try:
-                eos = json.loads(gc.read_text()).get("eos_token_id")
-            except (OSError, json.JSONDecodeError):
-                eos = None
-            ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+        if gc.exists():
+            eos = read_json(gc, "generation_config.json").get("eos_token_id")
+            ids.update(i for i in (eos if isinstance(eos, list) else [eos])
+                       if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg.vocab_size)
     return tuple(sorted(ids))
+
+
+def check_prompt_lengths(prompts: Sequence[Sequence[int]], cfg: ModelConfig) -> None:
+    """A prompt longer than the model's context is refused here: padded into a batch it would
+    size the attention mask and KV cache past any memory (T x T per row)."""
+    ctx = cfg.max_position_embeddings
+    long = [(i, len(p)) for i, p in enumerate(prompts) if len(p) > ctx]
+    if long:
+        i, n = max(long, key=lambda x: x[1])
+        raise JmergeError(f"{len(long)} prompt(s) longer than the model's context of {ctx} tokens "
+                          f"(max_position_embeddings), e.g. prompt {i + 1} with {n} tokens; shorten them")
 
 
 def encode_prompts(tokenizer, texts: Sequence[str], chat_template: bool = True,
@@ -320,11 +331,15 @@ def encode_prompts(tokenizer, texts: Sequence[str], chat_template: bool = True,
     """Prompt texts -> token ids, through the tokenizer's chat template unless it is turned off."""
     if not chat_template:
         return [list(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
+    import jinja2
     require_chat_template(tokenizer)
     out = []
     for t in texts:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": t}]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as e:  # a template that parses but fails (or refuses) when run
+            raise JmergeError(f"the chat template fails on a prompt ({type(e).__name__}: {e})") from None
         # The template writes any BOS itself; the tokenizer must not add another.
         out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return out
@@ -342,29 +357,58 @@ def has_tokenizer_files(model: str | Path) -> bool:
                                  ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
+def tokenizer_home(model: str | Path) -> Path:
+    """Where a model's tokenizer is read from: its folder or GGUF file; the base of BASE+ADAPTER;
+    for an adapter folder without tokenizer files, the local base its config names."""
+    from jmerge.io import peft, split_adapter
+    path = Path(split_adapter(str(model))[0])
+    if peft.is_adapter_dir(path) and not has_tokenizer_files(path):
+        named = peft.read_adapter_config(path).get("base_model_name_or_path")
+        if named and Path(named).exists():
+            return Path(named)
+    return path
+
+
 def load_tokenizer(model: str | Path, write_tokenizer=None, chat_template_file: str | Path | None = None):
-    """The transformers tokenizer of a model directory (or of what `write_tokenizer` writes,
-    for sources such as GGUF files), with an optional chat template from a Jinja file."""
-    from transformers import AutoTokenizer
+    """The transformers tokenizer of a model directory or GGUF file (or of what `write_tokenizer`
+    writes), with an optional chat template from a Jinja file. Its files are checked first
+    (kinds, encodings, JSON, templates), so every problem is one line naming the file."""
+    from jmerge.io import hf
+    model = Path(model)
     try:
-        if has_tokenizer_files(model):
-            tok = AutoTokenizer.from_pretrained(str(model))
-        elif write_tokenizer is not None:
+        if has_tokenizer_files(model) or model.is_dir() and write_tokenizer is None:
+            hf.check_tokenizer(model, required=True)
+            if (model / "config.json").exists():
+                load_config(model)  # transformers reads it too: its problems are named here
+            tok = _auto_tokenizer(model)
+        else:
+            if write_tokenizer is None and model.suffix == ".gguf":
+                from jmerge.io.gguf import read_gguf
+                write_tokenizer = read_gguf(model).save_tokenizer
+            if write_tokenizer is None:
+                raise JmergeError(f"{model}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
             with tempfile.TemporaryDirectory() as tmp:
                 write_tokenizer(Path(tmp))
                 if not any(Path(tmp).iterdir()):
                     raise JmergeError(f"{model}: no tokenizer files found next to the weights")
-                tok = AutoTokenizer.from_pretrained(tmp)
-        else:
-            raise JmergeError(f"{model}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    except (OSError, ValueError) as e:
-        raise JmergeError(f"{model}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})") from None
+                tok = _auto_tokenizer(Path(tmp))
+    except JmergeError:
+        raise
+    except Exception as e:  # transformers, tokenizers, sentencepiece and jinja2 share no base class
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise JmergeError(f"{model}: cannot load the tokenizer ({type(e).__name__}: {first})") from None
     if chat_template_file is not None:
         f = Path(chat_template_file)
-        if not f.is_file():
+        if not f.exists():
             raise JmergeError(f"--chat-template: no such file {f}")
-        tok.chat_template = f.read_text(encoding="utf-8")
+        tok.chat_template = read_text(f, "chat template")
+        hf.check_chat_template(tok.chat_template, f)
     return tok
+
+
+def _auto_tokenizer(d: Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(d))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +436,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
     p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument("--out", help="output JSONL (default: stdout)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (never an input)")
     a = p.parse_args(argv)
 
     if a.max_new_tokens <= 0:
@@ -403,36 +448,36 @@ def main(argv=None) -> int:
     if a.chat_template and a.no_chat_template:
         raise JmergeError("--chat-template and --no-chat-template exclude each other")
     sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)
+    import contextlib
+
+    from jmerge.io.atomic import atomic_file, check_target, model_inputs
+    inputs = [*model_inputs(a.model), a.prompts, a.chat_template]
+    if a.out:  # before the weights are read and the responses generated
+        check_target(a.out, a.force, inputs, kind="file")
 
     from jmerge.eval.prompts import load_prompts
     from jmerge.io import load_model, split_adapter
     prompts = load_prompts(a.prompts, field=a.field)[: a.limit]
     mesh = shd.make_mesh(a.mesh)
-    base = split_adapter(a.model)[0]
-    # Tokenizer problems (a missing chat template) are reported before the weights are read,
-    # except for sources (GGUF) whose tokenizer comes out of the weights file.
-    tok = load_tokenizer(base, None, a.chat_template) if has_tokenizer_files(base) else None
-    if tok is not None and not a.no_chat_template:
+    # Every tokenizer problem (missing files, a bad or absent chat template) is reported before
+    # the weights are read.
+    tok = load_tokenizer(tokenizer_home(a.model), None, a.chat_template)
+    if not a.no_chat_template:
         require_chat_template(tok)
     loaded = load_model(a.model, mesh=mesh, dtype=a.dtype, progress=True)
-    tok = tok or load_tokenizer(base, loaded.write_tokenizer, a.chat_template)
     gen = Generator(loaded.cfg, loaded.params, mesh=mesh, tokenizer=tok, max_new_tokens=a.max_new_tokens,
                     sampling=sampling, batch_size=a.batch_size,
                     eos_ids=default_eos_ids(loaded.cfg, tok, split_adapter(a.model)[0]), stop=a.stop,
                     chat_template=not a.no_chat_template, system=a.system, progress=True)
     results = gen.generate([q.text for q in prompts])
 
-    out = open(a.out, "w", encoding="utf-8") if a.out else sys.stdout
-    try:
+    with (atomic_file(a.out, a.force, inputs) if a.out else contextlib.nullcontext(sys.stdout)) as out:
         for q, c in zip(prompts, results):
             rec = dict(id=q.id, prompt=c.prompt, response=c.response, tokens=c.tokens,
                        finish_reason=c.finish_reason)
             if q.category is not None:
                 rec["category"] = q.category
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    finally:
-        if a.out:
-            out.close()
     if a.out:
         n = sum(len(c.tokens) for c in results)
         print(f"{len(results)} responses, {n} tokens -> {a.out}", file=sys.stderr)

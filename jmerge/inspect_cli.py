@@ -13,13 +13,13 @@ whose signs differ.
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from jmerge.errors import JmergeError, collect
+from jmerge.io.files import dumps_json
 
 
 def _bucket(name: str) -> str:
@@ -45,12 +45,16 @@ def analyse(base, models: list) -> dict:
 
     k = len(models)
     buckets: dict[str, dict] = {}
+    nonfinite: list[str] = []  # "MODEL: TENSOR" holding NaN/Inf; their rows' numbers become NaN
     f32 = np.float32
     for n in names:
         b = buckets.setdefault(_bucket(n), {"sq": np.zeros(k), "dot": np.zeros((k, k)),
                                             "both": np.zeros((k, k)), "conflict": np.zeros((k, k))})
         theta0 = read_tensor(base, n, None).astype(f32).ravel()
-        taus = [read_tensor(m, n, None).astype(f32).ravel() - theta0 for m in models]
+        thetas = [read_tensor(m, n, None).astype(f32).ravel() for m in models]
+        nonfinite += [f"{m.ref}: {n}" for m, x in zip([base] + list(models), [theta0] + thetas)
+                      if not np.isfinite(x).all()]
+        taus = [x - theta0 for x in thetas]
         signs = [np.sign(t) for t in taus]
         for i in range(k):
             b["sq"][i] += float(np.dot(taus[i].astype(np.float64), taus[i]))
@@ -91,6 +95,7 @@ def analyse(base, models: list) -> dict:
                            for i, j in pairs},
         "sign_conflict_per_row": {f"{refs[i]} | {refs[j]}": [float(conflict(buckets[r])[i, j]) for r in rows]
                                   for i, j in pairs},
+        "nonfinite": nonfinite,
     }
 
 
@@ -128,17 +133,18 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def inspect(base: str, models: list[str], out: str | Path, config_dir: Path = Path(".")) -> dict:
+def inspect(base: str, models: list[str], out: str | Path, config_dir: Path = Path("."),
+            force: bool = False, inputs=()) -> dict:
     from jmerge.check import open_model
     if not models:
         raise JmergeError("inspect needs at least one model besides the base")
     b = open_model(base, config_dir)
     ms = [open_model(m, config_dir) for m in models]
     report = analyse(b, ms)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    plot(report, out / "heatmap.png")
+    from jmerge.io.atomic import atomic_dir
+    with atomic_dir(out, force, inputs=inputs) as tmp:
+        (tmp / "report.json").write_text(dumps_json(report, indent=2))  # NaN -> null: strict JSON
+        plot(report, tmp / "heatmap.png")
     return report
 
 
@@ -149,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--base", help="base model (instead of a config)")
     p.add_argument("--models", nargs="+", help="fine-tuned models (instead of a config)")
     p.add_argument("--out", required=True, help="directory for report.json and heatmap.png")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     a = p.parse_args(argv)
     if a.config and (a.base or a.models):
         p.error("give a config or --base/--models, not both")
@@ -163,7 +170,17 @@ def main(argv=None) -> int:
         if not (a.base and a.models):
             p.error("give a config, or both --base and --models")
         base, models, cdir = a.base, a.models, Path(".")
-    r = inspect(base, models, a.out, cdir)
+    from jmerge.io.atomic import check_target, model_inputs
+    # Before any weight is read: the report must not land on (or over) what it reads.
+    from jmerge.check import locate
+    inputs = [x for m in (base, *models) for x in model_inputs(locate(m, cdir))] + ([a.config] if a.config else [])
+    check_target(a.out, a.force, inputs)
+    r = inspect(base, models, a.out, cdir, force=a.force, inputs=inputs)
+    if r["nonfinite"]:
+        bad = r["nonfinite"]
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        print(f"warning: NaN/Inf weights in {'; '.join(bad[:3])}{more}: the norms and cosines that "
+              "include them are null in report.json", file=sys.stderr)
     cos = np.array(r["cosine"])
     off = cos[~np.eye(len(cos), dtype=bool)]
     print(f"inspected {len(models)} task vectors over {len(r['rows'])} rows -> {a.out}/report.json, "

@@ -22,6 +22,10 @@ def parser() -> ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="output shard size (default 5GB)")
     p.add_argument("--orbax", metavar="DIR", help="also write an orbax copy of the merged params")
     p.add_argument("--force", action="store_true", help="replace OUT (and the orbax DIR) if it exists")
+    p.add_argument("--lenient", action="store_true",
+                   help="warn about parameter names no merge method knows instead of refusing them")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write NaN/Inf weights (in the inputs or the merged result) instead of refusing them")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -48,7 +52,8 @@ def main(argv=None) -> int:
 
     mesh = sharding.make_mesh(a.mesh) if a.mesh else None
     r = merge(a.config, a.out, mode=a.mode or "auto", seed=a.seed, mesh=mesh, force=a.force,
-              orbax=a.orbax, max_shard_size=a.max_shard_size, progress=not a.quiet)
+              orbax=a.orbax, max_shard_size=a.max_shard_size, progress=not a.quiet, lenient=a.lenient,
+              allow_nonfinite=a.allow_nonfinite)
     for w in r.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"merged -> {r.out} ({r.mode}): {r.n_tensors} tensors, {r.num_layers} layers, {r.seconds:.1f} s")

@@ -63,11 +63,13 @@ def tensor_key(seed: int, name: str) -> jax.Array:
 
 
 def per_tensor(method, static: tuple, out_dtype, base, models, key, params):
-    """The method on one tensor cast to the output dtype, plus whether every input is finite."""
+    """The method on one tensor cast to the output dtype, plus whether each input, and last the
+    output, is finite: one reduction in the same program, so the output is checked without a
+    second pass over it."""
     out = method.fn(base, list(models), key=key if method.random else None, **params, **dict(static))
     out = out.astype(out_dtype)
     inputs = ([base] if base is not None else []) + list(models)
-    return out, all_finite(inputs)
+    return out, all_finite(inputs + [out])
 
 
 def all_finite(xs: list) -> jax.Array:
@@ -94,11 +96,21 @@ def job_params(job: Job, static_names: frozenset, masks: "MaskFiles") -> tuple[d
             static[k] = v[0] if isinstance(v, tuple) else v
         elif k == "mask":
             dyn[k] = tuple(masks.get(path, job.out_name) for path in v)
-        elif isinstance(v, tuple):
-            dyn[k] = tuple(np.float32(x) for x in v)
+        elif isinstance(v, tuple):  # counts from a method's host_params stay integers
+            dyn[k] = tuple(x if isinstance(x, np.integer) else np.float32(x) for x in v)
         else:
-            dyn[k] = np.float32(v)
+            dyn[k] = v if isinstance(v, np.integer) else np.float32(v)
     return dyn, tuple(sorted(static.items()))
+
+
+def with_host_params(method, job: Job, shape) -> Job:
+    """The job plus the parameters its method computes on the host from the planned values and
+    the tensor's size (`fn.host_params(params, n)`: mergekit's exact kept counts for densities,
+    which float32 cannot reproduce once traced)."""
+    hook = getattr(method.fn, "host_params", None)
+    if hook is None or shape is None:
+        return job
+    return dataclasses.replace(job, params={**job.params, **hook(job.params, int(np.prod(shape)))})
 
 
 class MaskFiles:
@@ -127,6 +139,8 @@ class TokenizerPlan:
     perms: dict[str, np.ndarray]  # model -> source row per output row (-1: the model lacks it)
     save: Any  # callable(out_dir)
     changed: bool  # whether any model's embedding rows must be rearranged
+    vocabs: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # each model's own
+    tokens: dict = dataclasses.field(default_factory=dict)  # plan.tokens: token -> TokenSource
 
 
 def plan_tokenizer(c: Checked) -> TokenizerPlan | None:
@@ -141,7 +155,8 @@ def plan_tokenizer(c: Checked) -> TokenizerPlan | None:
         have = set(tok.get_vocab())
         extra = [t for ref in c.models for t, _ in sorted(vocabs[ref].items(), key=lambda kv: kv[1])
                  if t not in have]
-        extra = list(dict.fromkeys(extra))
+        # tokenizer.tokens names tokens the output must have: mergekit adds them after the union
+        extra = list(dict.fromkeys(extra + [t for t in plan.tokens if t not in have]))
         if extra:
             tok.add_tokens(extra)
         vocab = tok.get_vocab()
@@ -150,6 +165,13 @@ def plan_tokenizer(c: Checked) -> TokenizerPlan | None:
         src = plan.base_model if plan.tokenizer_source == "base" else plan.tokenizer_source
         vocab = vocabs[src]
         save = c.models[src].write_tokenizer
+        new = [t for t in plan.tokens if t not in vocab]
+        if new:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(c.models[src].tokenizer_dir))
+            tok.add_tokens(new)
+            vocab = tok.get_vocab()
+            save = lambda out: tok.save_pretrained(str(out))  # noqa: E731
     rows = max(vocab.values()) + 1
     if plan.pad_to_multiple_of:
         rows = -(-rows // plan.pad_to_multiple_of) * plan.pad_to_multiple_of
@@ -161,13 +183,15 @@ def plan_tokenizer(c: Checked) -> TokenizerPlan | None:
             p[i] = j if j < m.cfg.vocab_size else -1
         perms[ref] = p
         changed |= not (rows == m.cfg.vocab_size and np.array_equal(p, np.arange(rows)))
-    return TokenizerPlan(vocab, rows, perms, save, changed)
+    return TokenizerPlan(vocab, rows, perms, save, changed or bool(plan.tokens), vocabs, dict(plan.tokens))
 
 
 def permute_embeddings(arrays: dict[str, np.ndarray], tp: TokenizerPlan, base: str | None) -> dict[str, np.ndarray]:
     """Rearrange each model's embedding rows into the output vocabulary (mergekit semantics):
     a row a model lacks is filled from the only model that has the token, else from the base,
-    else with the mean over the models that have it; a token nobody has gets zeros."""
+    else with the mean over the models that have it; a token nobody has gets zeros. A token of
+    `tokenizer.tokens` takes its source's row instead, where a model lacks it or (`force`) in
+    every model. Padding rows (pad_to_multiple_of) get the mean of each model's token rows."""
     refs = list(arrays)
     perms = np.stack([tp.perms[r] for r in refs])  # [models, rows]
     present = perms >= 0
@@ -187,11 +211,50 @@ def permute_embeddings(arrays: dict[str, np.ndarray], tp: TokenizerPlan, base: s
         b = refs.index(base)
         from_base = (count > 1) & present[b]
         fill[from_base] = gathered[b, from_base]
+    forced = np.zeros(tp.rows, bool)
+    for tok, ts in tp.tokens.items():
+        i = tp.vocab[tok]
+        if ts.force or not present[:, i].all():
+            fill[i] = token_row(tok, ts, i, arrays, tp, [r for k, r in enumerate(refs) if not present[k, i]])
+            forced[i] = ts.force
+    pad = np.ones(tp.rows, bool)
+    pad[list(tp.vocab.values())] = False
     out = {}
     for k, r in enumerate(refs):
-        rows = np.where(present[k][:, None], gathered[k], fill)
+        rows = np.where((present[k] & ~forced)[:, None], gathered[k], fill)
+        if pad.any():  # as mergekit pads (after Hewitt's vocabulary expansion note)
+            rows[pad] = rows[~pad].mean(0)
         out[r] = rows.astype(dtype)
     return out
+
+
+def token_row(tok: str, ts, i: int, arrays: dict[str, np.ndarray], tp: TokenizerPlan,
+              lacking: list[str]) -> np.ndarray:
+    """The embedding row `tokenizer.tokens[tok]` names (output row i), as float32."""
+    where = f"tokenizer.tokens[{tok!r}]"
+    width = next(iter(arrays.values())).shape[1]
+    if ts.kind == "zero":
+        return np.zeros(width, np.float32)
+    if ts.kind is None:
+        why = f"{', '.join(lacking)} lack(s) it" if lacking else "force is on"
+        raise JmergeError(f"{where} needs a source: {why}")
+    if ts.model not in arrays:
+        raise JmergeError(f"{where}: source model {ts.model} is not an input of this embedding "
+                          f"(inputs: {', '.join(arrays)})")
+    src = arrays[ts.model]
+    if ts.kind == "model":
+        j = int(tp.perms[ts.model][i])
+        if j < 0:
+            raise JmergeError(f"{where}: source model {ts.model} has no token {tok!r}")
+    elif ts.token_id is not None:
+        j = ts.token_id
+    else:
+        j = (tp.vocabs.get(ts.model) or {}).get(ts.token, -1)
+        if j < 0:
+            raise JmergeError(f"{where}: {ts.model} has no token {ts.token!r}")
+    if not 0 <= j < src.shape[0]:
+        raise JmergeError(f"{where}: token id {j} is out of range for {ts.model} ({src.shape[0]} rows)")
+    return src[j].astype(np.float32)
 
 
 # ---------------------------------------------------------------------------- chat template
@@ -253,6 +316,8 @@ class Prepared:
     masks: MaskFiles
     # jitted in-memory merge per mesh: re-merging with new parameter values reuses it
     compiled: dict = dataclasses.field(default_factory=dict)
+    allow_nonfinite: bool = False  # write NaN/Inf inputs and outputs instead of refusing them
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def write_extras(self, out: Path) -> None:
         c = self.checked
@@ -271,9 +336,10 @@ def prepare(c: Checked) -> Prepared:
     out_dtype = (_np_dtype(plan.out_dtype) if plan.out_dtype
                  else np.dtype(ref.source.dtype("model.embed_tokens.weight")))
     out_cfg = out_config(plan, c.models, c.ref_model, c.resolved, tp.rows if tp else None, out_dtype.name)
+    layout = hf.hf_layout(out_cfg)
+    jobs = {j.out_name: with_host_params(plan.method, j, layout.get(j.out_name)) for j in c.resolved.jobs}
     return Prepared(c, out_cfg, out_dtype, _np_dtype(plan.dtype) if plan.dtype else None, tp,
-                    resolve_chat_template(c), {j.out_name: j for j in c.resolved.jobs},
-                    MaskFiles(Path(plan.path).resolve().parent))
+                    resolve_chat_template(c), jobs, MaskFiles(Path(plan.path).resolve().parent))
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -338,8 +404,32 @@ def _split(job: Job, xs: list) -> tuple[Any, list]:
     return (xs[0], xs[1:]) if job.base else (None, xs)
 
 
-def _raise_nonfinite(bad: list[str]) -> None:
-    collect([f"{b} has NaN/Inf values" for b in bad], "non-finite input weights; nothing was written")
+def _nonfinite_inputs(p: "Prepared", bad: list[str]) -> None:
+    """Refuse NaN/Inf inputs, listing them all, or (allowed) note them as a warning."""
+    if not bad:
+        return
+    if not p.allow_nonfinite:
+        collect([f"{b} has NaN/Inf values" for b in bad],
+                "non-finite input weights (pass --allow-nonfinite to merge anyway); nothing was written")
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    p.warnings.append(f"input {bad[0]}{more} has NaN/Inf values (merged: --allow-nonfinite)")
+
+
+def _nonfinite_output(p: "Prepared", names: list[str]) -> None:
+    """Refuse a merge whose result overflowed to NaN/Inf, or (allowed) note it as a warning."""
+    if not names:
+        return
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    if not p.allow_nonfinite:
+        raise JmergeError(f"the merged {names[0]}{more} has NaN/Inf values (pass --allow-nonfinite "
+                          "to write it anyway); nothing was written")
+    p.warnings.append(f"the merged {names[0]}{more} has NaN/Inf values (written: --allow-nonfinite)")
+
+
+def _flag_rows(flags) -> tuple[np.ndarray, bool]:
+    """(finiteness of each input, of the output) from per_tensor's flags."""
+    flags = np.asarray(flags)
+    return flags[:-1], bool(flags[-1])
 
 
 def stream_merge(p: Prepared, out: Path, *, seed: int, force: bool, max_shard_size="5GB",
@@ -350,6 +440,7 @@ def stream_merge(p: Prepared, out: Path, *, seed: int, force: bool, max_shard_si
     layout = hf.hf_layout(p.out_cfg)
     items = [(n, p.out_dtype, s) for n, s in layout.items()]
     bad: list[str] = []
+    bad_out: list[str] = []
     bar = hf._bar(len(items), progress, "merge")
     pool = concurrent.futures.ThreadPoolExecutor(1)
     compiled = precompile(p, [p.jobs[n] for n in layout], seed)
@@ -365,7 +456,12 @@ def stream_merge(p: Prepared, out: Path, *, seed: int, force: bool, max_shard_si
     def finish(job, y, finite):
         y = np.asarray(y)
         refs = ([job.base] if job.base else []) + list(job.models)
-        bad.extend(f"{r}: {n}" for ok, r, n in zip(np.asarray(finite), refs, job.in_names) if not ok)
+        ins, out_ok = _flag_rows(finite)
+        bad.extend(f"{r}: {n}" for ok, r, n in zip(ins, refs, job.in_names) if not ok)
+        if not out_ok:
+            bad_out.append(job.out_name)
+            if not bad and not p.allow_nonfinite:
+                _nonfinite_output(p, bad_out)  # the first one: no point writing the rest
         bar.update(1)
         return y
 
@@ -389,10 +485,10 @@ def stream_merge(p: Prepared, out: Path, *, seed: int, force: bool, max_shard_si
 
     stream = results()
     try:
-        with atomic_dir(out, force) as tmp:
+        with atomic_dir(out, force, inputs=plan_inputs(plan)) as tmp:
             hf.write_shards(tmp, items, stream, max_shard_size)
-            if bad:
-                _raise_nonfinite(bad)
+            _nonfinite_inputs(p, bad)
+            _nonfinite_output(p, bad_out)
             hf.write_config(tmp, p.out_cfg, p.out_dtype)
             p.write_extras(tmp)
     finally:
@@ -749,14 +845,19 @@ def memory_params(p: Prepared, mesh: Mesh, *, seed: int, progress: bool = False)
     inputs = load_inputs(p, groups, mesh, progress)
     gp = [group_params(p, g, seed) for g in groups]
     merged, finite = merge_arrays(p, groups, inputs, [x[0] for x in gp], [x[1] for x in gp], mesh, progress)
-    bad = []
+    bad, bad_out = [], {}
     for g, fin in zip(groups, jax.device_get(finite)):
         fin = np.asarray(fin).reshape(len(g.names), -1)
         refs = ([g.base] if g.base else []) + list(g.models)
         for row, name in zip(fin, g.names):
-            bad += [f"{r}: {p.jobs[name].in_names[k]}" for k, (ok, r) in enumerate(zip(row, refs)) if not ok]
-    if bad:
-        _raise_nonfinite(bad)
+            ins, out_ok = _flag_rows(row)
+            bad += [f"{r}: {p.jobs[name].in_names[k]}" for k, (ok, r) in enumerate(zip(ins, refs)) if not ok]
+            if not out_ok:
+                bad_out[name] = None
+    _nonfinite_inputs(p, bad)
+    # named as streaming names them: the first in the output files' order
+    order = {n: i for i, n in enumerate(hf.hf_layout(p.out_cfg))}
+    _nonfinite_output(p, sorted(bad_out, key=order.__getitem__))
     return merged
 
 
@@ -804,17 +905,30 @@ class MergeResult:
     warnings: list[str]
 
 
+def plan_inputs(plan: MergePlan) -> list[str]:
+    """Every path a merge reads: the config and its models (located as check_plan locates them)."""
+    from jmerge.check import locate
+    config_dir = Path(plan.path).resolve().parent
+    return [plan.path, *(locate(ref, config_dir) for ref in plan.referenced())]
+
+
 def merge(config: str | Path | MergePlan, out: str | Path, *, mode: str = "auto", seed: int = 0,
           mesh: Mesh | None = None, force: bool = False, orbax: str | Path | None = None,
-          max_shard_size="5GB", progress: bool = False) -> MergeResult:
+          max_shard_size="5GB", progress: bool = False, lenient: bool = False,
+          allow_nonfinite: bool = False) -> MergeResult:
+    """`lenient`: parameter names no merge method knows are warnings, not errors.
+    `allow_nonfinite`: NaN/Inf in the inputs or the merged weights are written, with a warning."""
     t0 = time.perf_counter()
     out = Path(out)
-    check_target(out, force)
+    plan = config if isinstance(config, MergePlan) else load_plan(config, lenient=lenient)
+    inputs = plan_inputs(plan)
+    check_target(out, force, inputs)
     if orbax is not None:
-        check_target(orbax, force)
-    plan = config if isinstance(config, MergePlan) else load_plan(config)
+        # written after OUT: replacing OUT, or a folder holding it, would lose it
+        check_target(orbax, force, inputs, outputs=[out])
     c = check_plan(plan)
     p = prepare(c)
+    p.allow_nonfinite = allow_nonfinite
     mode = choose_mode(c, mode)
     if mode == "stream":
         stream_merge(p, out, seed=seed, force=force, max_shard_size=max_shard_size, progress=progress)
@@ -829,7 +943,7 @@ def merge(config: str | Path | MergePlan, out: str | Path, *, mode: str = "auto"
             merged = m.params
         orbax_io.save_orbax(merged, p.out_cfg, orbax, force=force, tokenizer_writer=lambda d: _copy_extras(out, d))
     return MergeResult(out, mode, time.perf_counter() - t0, len(c.resolved.jobs), p.out_cfg.num_layers,
-                       c.warnings)
+                       plan.warnings + c.warnings + p.warnings)
 
 
 def _copy_extras(src: Path, dst: Path) -> None:

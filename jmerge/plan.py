@@ -26,15 +26,20 @@ from pathlib import Path
 import yaml
 
 from jmerge.errors import JmergeError, collect
-from jmerge.merge.registry import Method, get as get_method
+from jmerge.io.files import read_text
+from jmerge.merge.registry import Method, get as get_method, known_params
 
 TOP_KEYS = ("models", "slices", "merge_method", "base_model", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "parameters", "modules", "name")
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
+MODULE_KEYS = ("slices", "models", "parameters")
+# mergekit names the one module of a decoder-only architecture (its JSON kind "module") so.
+MODULE_NAMES = ("default",)
 FILTER_KEYS = ("filter", "value")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+TOKEN_KEYS = ("source", "force")
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
                  "float": "float32"}
@@ -54,6 +59,19 @@ class Slice:
     params: dict
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenSource:
+    """Where `tokenizer.tokens[TOKEN]` takes its embedding row from (mergekit's
+    TokenEmbeddingConfig): kind "model" (that model's row of the token), "zero", "model_token"
+    (row `token_id`, or the row of `token`, of `model`'s own vocabulary), or None (no source:
+    allowed only while every model has the token and `force` is off)."""
+    kind: str | None
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+    force: bool = False
+
+
 @dataclasses.dataclass
 class MergePlan:
     path: str
@@ -68,6 +86,9 @@ class MergePlan:
     chat_template: str | None
     from_models: bool  # written with `models:` (one slice over all layers)
     raw: dict
+    module_params: dict = dataclasses.field(default_factory=dict)  # `modules.default.parameters`
+    tokens: dict[str, TokenSource] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def referenced(self) -> list[str]:
         """Every model the plan reads, base first, in order of appearance."""
@@ -87,18 +108,42 @@ class MergePlan:
 
 # ---------------------------------------------------------------------------- reading
 
+def _hint(name, choices) -> str:
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _unknown(keys, allowed, where: str) -> list[str]:
-    out = []
-    for k in keys:
-        if k not in allowed:
-            close = difflib.get_close_matches(str(k), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            out.append(f"unknown key {k!r} in {where}{hint}")
-    return out
+    return [f"unknown key {k!r} in {where}{_hint(k, allowed)}" for k in keys if k not in allowed]
 
 
 def _is_num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _as_yaml_float(text: str) -> str | None:
+    """`text` rewritten so that YAML reads it as a float, when it is a finite number that YAML
+    read as a string: PyYAML (YAML 1.1) wants a dot and a signed exponent, so `1e308` and
+    `1.0e308` are strings and `1.0e+308` is a number."""
+    try:
+        x = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(x):
+        return None
+    mant, _, exp = text.strip().lower().partition("e")
+    if "." not in mant:
+        mant += ".0"
+    if exp and exp[0] not in "+-":
+        exp = "+" + exp
+    return f"{mant}e{exp}" if exp else mant
+
+
+def _text_number(name: str, v: str, where: str) -> str | None:
+    fixed = _as_yaml_float(v)
+    if fixed is None:
+        return None
+    return f"{where}: {name!r} is the string {v!r} (YAML reads {v} as text; write {fixed})"
 
 
 def _check_setting(name: str, setting, where: str, problems: list[str]) -> None:
@@ -127,7 +172,10 @@ def _check_setting(name: str, setting, where: str, problems: list[str]) -> None:
             yield s
 
     for v in values(setting):
-        if name == "density" and (not _is_num(v) or not 0 < v <= 1):
+        text = _text_number(name, v, where) if isinstance(v, str) and name != "mask" else None
+        if text:
+            problems.append(text)
+        elif name == "density" and (not _is_num(v) or not 0 < v <= 1):
             problems.append(f"{where}: density must be in (0, 1], got {v!r}")
         elif name == "mask":
             if not isinstance(v, str):
@@ -136,31 +184,175 @@ def _check_setting(name: str, setting, where: str, problems: list[str]) -> None:
             problems.append(f"{where}: parameter {name!r} must be a number or boolean, got {v!r}")
 
 
-def _check_params(params, method: Method, where: str, problems: list[str]) -> dict:
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        problems.append(f"{where}: parameters must be a mapping, got {params!r}")
-        return {}
-    allowed = tuple(method.model_params) + tuple(method.global_params)
-    problems.extend(_unknown(params, allowed, f"{where} parameters (merge_method {method.name})"))
-    for k, v in params.items():
-        if k in allowed:
-            _check_setting(k, v, where, problems)
-    return dict(params)
+class _Reader:
+    """The problems and warnings of one config, and how strict to be about parameter names."""
 
+    def __init__(self, method: Method, lenient: bool):
+        self.method, self.lenient = method, lenient
+        self.problems: list[str] = []
+        self.ignored: dict[str, list[str]] = {}  # parameter a method ignores -> where it is set
+        self.unknown: dict[str, list[str]] = {}  # under --lenient: name no method knows -> where
+        self.residual: list[str] = []  # slices setting residual_weight
 
-def _model_ref(value, where: str, problems: list[str]) -> str | None:
-    if isinstance(value, dict):  # mergekit's expanded form {model: {path: ...}, lora: ...}
-        problems.append(f"{where}: write the model as a path string (BASE or BASE+ADAPTER)")
-        return None
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{where}: model must be a path string, got {value!r}")
-        return None
-    if re.match(r"^[a-z]+://", value):
-        problems.append(f"{where}: {value!r}: only local paths are supported (no hub or URLs)")
-        return None
-    return value.strip()
+    def params(self, params, where: str) -> dict:
+        """The parameters the method takes. A name another mergekit method takes is ignored, as
+        mergekit ignores it; a name no method takes is an error (a warning when lenient)."""
+        if params is None:
+            return {}
+        if not isinstance(params, dict):
+            self.problems.append(f"{where}: parameters must be a mapping, got {params!r}")
+            return {}
+        m = self.method
+        allowed = tuple(m.model_params) + tuple(m.global_params)
+        kept = {}
+        for k, v in params.items():
+            if k in allowed:
+                _check_setting(k, v, where, self.problems)
+                kept[k] = v
+            elif k in known_params():
+                self.ignored.setdefault(k, []).append(where)
+            elif self.lenient:
+                self.unknown.setdefault(str(k), []).append(where)
+            else:
+                self.problems.append(f"unknown parameter {k!r} in {where} parameters (merge_method "
+                                     f"{m.name}){_hint(k, allowed + tuple(sorted(known_params())))}; "
+                                     "--lenient ignores it")
+        return kept
+
+    def warnings(self) -> list[str]:
+        name = self.method.name
+        out = [f"parameter {k!r} is not used by merge_method {name}; ignored ({', '.join(w)})"
+               for k, w in self.ignored.items()]
+        out += [f"unknown parameter {k!r} ignored ({', '.join(w)}){_hint(k, sorted(known_params()))}"
+                for k, w in self.unknown.items()]
+        if self.residual:
+            out.append(f"residual_weight is ignored, as mergekit 0.1.5 ignores it ({', '.join(self.residual)})")
+        return out
+
+    def model_ref(self, value, where: str) -> str | None:
+        problems = self.problems
+        if isinstance(value, dict):  # mergekit's expanded form {model: {path: ...}, lora: ...}
+            problems.append(f"{where}: write the model as a path string (BASE or BASE+ADAPTER)")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"{where}: model must be a path string, got {value!r}")
+            return None
+        if re.match(r"^[a-z]+://", value):
+            problems.append(f"{where}: {value!r}: only local paths are supported (no hub or URLs)")
+            return None
+        return value.strip()
+
+    def models(self, entries, where: str, base: str | None) -> list[Slice]:
+        """The `models:` form: one slice over every layer, the base appended as mergekit does."""
+        if not isinstance(entries, list):
+            raise JmergeError(f"{where} must be a list")
+        srcs = []
+        for i, m in enumerate(entries):
+            w = f"{where}[{i}]"
+            m = {"model": m} if isinstance(m, str) else m
+            if not isinstance(m, dict):
+                self.problems.append(f"{w}: expected {{model: PATH, parameters: ...}}")
+                continue
+            self.problems.extend(_unknown(m, MODEL_KEYS, w))
+            ref = self.model_ref(m.get("model"), w)
+            p = self.params(m.get("parameters"), w)
+            if ref:
+                srcs.append(Source(ref, None, p))
+        if base and base not in [s.model for s in srcs]:
+            srcs.append(Source(base, None, {}))  # mergekit adds the base as one more source
+        return [Slice(tuple(srcs), None, {})]
+
+    def slices(self, entries, where: str) -> list[Slice]:
+        if not isinstance(entries, list):
+            raise JmergeError(f"{where} must be a list")
+        problems, out = self.problems, []
+        for i, s in enumerate(entries):
+            ws = f"{where}[{i}]"
+            if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
+                problems.append(f"{ws}: expected {{sources: [...]}} with at least one source")
+                continue
+            problems.extend(_unknown(s, SLICE_KEYS, ws))
+            self.residual_weight(s.get("residual_weight"), ws)
+            sbase = self.model_ref(s["base_model"], f"{ws}.base_model") \
+                if s.get("base_model") is not None else None
+            sp = self.params(s.get("parameters"), ws)
+            srcs = []
+            for j, src in enumerate(s["sources"]):
+                w = f"{ws}.sources[{j}]"
+                if not isinstance(src, dict):
+                    problems.append(f"{w}: expected {{model: PATH, layer_range: [START, END]}}")
+                    continue
+                problems.extend(_unknown(src, SOURCE_KEYS, w))
+                ref = self.model_ref(src.get("model"), w)
+                lr = src.get("layer_range")
+                if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
+                    problems.append(f"{w}: layer_range must be [START, END] integers, got {lr!r}")
+                    lr = None
+                elif not 0 <= lr[0] < lr[1]:
+                    problems.append(f"{w}: layer_range {lr} is empty or negative")
+                    lr = None
+                p = self.params(src.get("parameters"), w)
+                if ref and lr:
+                    srcs.append(Source(ref, (lr[0], lr[1]), p))
+            lengths = {b - a for a, b in (x.layer_range for x in srcs)}
+            if len(lengths) > 1:
+                problems.append(f"{ws}: all sources must cover the same number of layers, got {sorted(lengths)}")
+            out.append(Slice(tuple(srcs), sbase, sp))
+        return out
+
+    def residual_weight(self, v, where: str) -> None:
+        """mergekit 0.1.5 reads a slice's residual_weight (a float) and never uses it."""
+        if v is None:
+            return
+        text = _text_number("residual_weight", v, where) if isinstance(v, str) else None
+        if text or not _is_num(v):
+            self.problems.append(text or f"{where}: residual_weight must be a number, got {v!r}")
+        else:
+            self.residual.append(where)
+
+    def tokens(self, tokens) -> dict[str, TokenSource]:
+        if tokens is None:
+            return {}
+        if not isinstance(tokens, dict):
+            self.problems.append(f"tokenizer.tokens must be a mapping {{TOKEN: {{source: ..., force: ...}}}}, got {tokens!r}")
+            return {}
+        return {str(t): ts for t, spec in tokens.items()
+                if (ts := self.token(spec, f"tokenizer.tokens[{str(t)!r}]")) is not None}
+
+    def token(self, spec, where: str) -> TokenSource | None:
+        problems = self.problems
+        if spec is None:
+            spec = {}
+        if not isinstance(spec, dict):
+            problems.append(f"{where}: expected {{source: MODEL | {{kind: zero}} | {{kind: model_token, ...}}, force: BOOL}}")
+            return None
+        problems.extend(_unknown(spec, TOKEN_KEYS, where))
+        force = spec.get("force", False)
+        if not isinstance(force, bool):
+            problems.append(f"{where}: force must be true or false, got {force!r}")
+        src = spec.get("source")
+        if src is None:
+            return TokenSource(None, force=force is True)
+        if isinstance(src, str):
+            ref = self.model_ref(src, f"{where}.source")
+            return TokenSource("model", ref, force=force is True) if ref else None
+        if not isinstance(src, dict) or src.get("kind") not in ("zero", "model_token"):
+            problems.append(f"{where}.source must be a model path, {{kind: zero}} or "
+                            f"{{kind: model_token, model: PATH, token_id: N | token: TEXT}}, got {src!r}")
+            return None
+        if src["kind"] == "zero":
+            problems.extend(_unknown(src, ("kind",), f"{where}.source"))
+            return TokenSource("zero", force=force is True)
+        problems.extend(_unknown(src, ("kind", "model", "token_id", "token"), f"{where}.source"))
+        ref = self.model_ref(src.get("model"), f"{where}.source.model")
+        tid, tok = src.get("token_id"), src.get("token")
+        if (tid is None) == (tok is None):
+            problems.append(f"{where}.source: give one of token_id or token")
+        elif tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or tid < 0):
+            problems.append(f"{where}.source: token_id must be a non-negative integer, got {tid!r}")
+        elif tok is not None and not isinstance(tok, str):
+            problems.append(f"{where}.source: token must be a string, got {tok!r}")
+        return TokenSource("model_token", ref, tid, tok, force is True) if ref else None
 
 
 def _dtype(value, key: str, problems: list[str]) -> str | None:
@@ -175,10 +367,7 @@ def _dtype(value, key: str, problems: list[str]) -> str | None:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise JmergeError(f"{path}: cannot read ({e.strerror})") from None
+    text = read_text(path, "merge config")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -191,77 +380,63 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def parse_plan(data: dict, path: str = "<config>") -> MergePlan:
-    """Check a mergekit configuration mapping and normalise it into slices."""
+def _modules(data: dict, r: _Reader, base: str | None) -> tuple[list[Slice], dict, bool]:
+    """mergekit's `modules: {NAME: {slices | models, parameters}}`. jmerge's architectures are
+    single-module, which mergekit names `default`; its parameters rank between the slice's and
+    the top level's."""
+    mods = data["modules"]
+    if not isinstance(mods, dict):
+        raise JmergeError(f"modules must be a mapping {{default: {{slices: ...}}}}, got {mods!r}")
+    bad = [k for k in mods if k not in MODULE_NAMES]
+    for k in bad:
+        r.problems.append(f"unknown module {k!r}{_hint(k, MODULE_NAMES)}: these architectures have "
+                          "one module, 'default'")
+    m = mods.get("default")
+    if bad or m is None:
+        if not bad:
+            r.problems.append("modules: needs the module 'default'")
+        return [], {}, False
+    if not isinstance(m, dict):
+        raise JmergeError(f"modules.default must be a mapping {{slices | models, parameters}}, got {m!r}")
+    r.problems.extend(_unknown(m, MODULE_KEYS, "modules.default"))
+    forms = [k for k in ("models", "slices") if m.get(k)]
+    if len(forms) != 1:
+        r.problems.append("modules.default: exactly one of 'models' or 'slices' must be given")
+        return [], {}, False
+    params = r.params(m.get("parameters"), "modules.default")
+    if forms == ["models"]:
+        return r.models(m["models"], "modules.default.models", base), params, True
+    return r.slices(m["slices"], "modules.default.slices"), params, False
+
+
+def parse_plan(data: dict, path: str = "<config>", *, lenient: bool = False) -> MergePlan:
+    """Check a mergekit configuration mapping and normalise it into slices. `lenient`: a
+    parameter name no merge method knows is a warning instead of an error."""
     problems = _unknown(data, TOP_KEYS, "the config")
     if "merge_method" not in data:
         collect(problems + ["merge_method is required"], path)
     method = get_method(str(data["merge_method"]))
-    if data.get("modules"):
-        problems.append("'modules' (multi-module architectures) is not supported; use models or slices")
-    forms = [k for k in ("models", "slices") if data.get(k)]
+    r = _Reader(method, lenient)
+    r.problems = problems
+    forms = [k for k in ("models", "slices", "modules") if data.get(k)]
     if len(forms) != 1:
-        problems.append("exactly one of 'models' or 'slices' must be given")
+        problems.append("exactly one of 'models', 'slices' or 'modules' must be given")
     base = None
     if data.get("base_model") is not None:
-        base = _model_ref(data["base_model"], "base_model", problems)
-    params = _check_params(data.get("parameters"), method, "top-level", problems)
+        base = r.model_ref(data["base_model"], "base_model")
+    params = r.params(data.get("parameters"), "top-level")
 
     slices: list[Slice] = []
-    if data.get("models"):
-        if not isinstance(data["models"], list):
-            raise JmergeError(f"{path}: models must be a list")
-        srcs = []
-        for i, m in enumerate(data["models"]):
-            m = {"model": m} if isinstance(m, str) else m
-            if not isinstance(m, dict):
-                problems.append(f"models[{i}]: expected {{model: PATH, parameters: ...}}")
-                continue
-            problems.extend(_unknown(m, MODEL_KEYS, f"models[{i}]"))
-            ref = _model_ref(m.get("model"), f"models[{i}]", problems)
-            p = _check_params(m.get("parameters"), method, f"models[{i}]", problems)
-            if ref:
-                srcs.append(Source(ref, None, p))
-        if base and base not in [s.model for s in srcs]:
-            srcs.append(Source(base, None, {}))  # mergekit adds the base as one more source
-        slices.append(Slice(tuple(srcs), None, {}))
-    elif data.get("slices"):
-        if not isinstance(data["slices"], list):
-            raise JmergeError(f"{path}: slices must be a list")
-        for i, s in enumerate(data["slices"]):
-            if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
-                problems.append(f"slices[{i}]: expected {{sources: [...]}} with at least one source")
-                continue
-            problems.extend(_unknown(s, SLICE_KEYS, f"slices[{i}]"))
-            if s.get("residual_weight") is not None:
-                problems.append(f"slices[{i}]: residual_weight is not supported (mergekit ignores it too)")
-            sbase = _model_ref(s["base_model"], f"slices[{i}].base_model", problems) \
-                if s.get("base_model") is not None else None
-            sp = _check_params(s.get("parameters"), method, f"slices[{i}]", problems)
-            srcs = []
-            for j, src in enumerate(s["sources"]):
-                w = f"slices[{i}].sources[{j}]"
-                if not isinstance(src, dict):
-                    problems.append(f"{w}: expected {{model: PATH, layer_range: [START, END]}}")
-                    continue
-                problems.extend(_unknown(src, SOURCE_KEYS, w))
-                ref = _model_ref(src.get("model"), w, problems)
-                lr = src.get("layer_range")
-                if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
-                    problems.append(f"{w}: layer_range must be [START, END] integers, got {lr!r}")
-                    lr = None
-                elif not 0 <= lr[0] < lr[1]:
-                    problems.append(f"{w}: layer_range {lr} is empty or negative")
-                    lr = None
-                p = _check_params(src.get("parameters"), method, w, problems)
-                if ref and lr:
-                    srcs.append(Source(ref, (lr[0], lr[1]), p))
-            lengths = {b - a for a, b in (x.layer_range for x in srcs)}
-            if len(lengths) > 1:
-                problems.append(f"slices[{i}]: all sources must cover the same number of layers, got {sorted(lengths)}")
-            slices.append(Slice(tuple(srcs), sbase, sp))
+    module_params: dict = {}
+    from_models = False
+    if forms == ["models"]:
+        slices, from_models = r.models(data["models"], "models", base), True
+    elif forms == ["slices"]:
+        slices = r.slices(data["slices"], "slices")
+    elif forms == ["modules"]:
+        slices, module_params, from_models = _modules(data, r, base)
 
-    tok_source, pad = data.get("tokenizer_source"), None
+    tok_source, pad, tokens = data.get("tokenizer_source"), None, {}
     if data.get("tokenizer") is not None:
         t = data["tokenizer"]
         if tok_source is not None:
@@ -270,13 +445,12 @@ def parse_plan(data: dict, path: str = "<config>") -> MergePlan:
             problems.append("tokenizer must be a mapping {source: base|union|PATH}")
         else:
             problems.extend(_unknown(t, TOKENIZER_KEYS, "tokenizer"))
-            if t.get("tokens"):
-                problems.append("tokenizer.tokens (per-token embedding sources) is not supported")
-            tok_source, pad = t.get("source"), t.get("pad_to_multiple_of")
-            if pad is not None and (not isinstance(pad, int) or pad <= 0):
+            tokens = r.tokens(t.get("tokens"))
+            tok_source, pad = t.get("source", "union"), t.get("pad_to_multiple_of")  # mergekit's default
+            if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad <= 0):
                 problems.append(f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
     if tok_source is not None and tok_source not in ("base", "union"):
-        tok_source = _model_ref(tok_source, "tokenizer_source", problems)
+        tok_source = r.model_ref(tok_source, "tokenizer_source")
     ct = data.get("chat_template")
     if ct is not None and not isinstance(ct, str):
         problems.append(f"chat_template must be a string, got {ct!r}")
@@ -284,15 +458,16 @@ def parse_plan(data: dict, path: str = "<config>") -> MergePlan:
                      dtype=_dtype(data.get("dtype"), "dtype", problems),
                      out_dtype=_dtype(data.get("out_dtype"), "out_dtype", problems),
                      tokenizer_source=tok_source, pad_to_multiple_of=pad, chat_template=ct,
-                     from_models=bool(data.get("models")), raw=data)
+                     from_models=from_models, raw=data, module_params=module_params,
+                     tokens=tokens, warnings=r.warnings())
     if not problems:
         _check_method(plan, problems)
     collect(problems, f"{path}")
     return plan
 
 
-def load_plan(path: str | Path) -> MergePlan:
-    return parse_plan(read_yaml(path), str(path))
+def load_plan(path: str | Path, *, lenient: bool = False) -> MergePlan:
+    return parse_plan(read_yaml(path), str(path), lenient=lenient)
 
 
 def _check_method(plan: MergePlan, problems: list[str]) -> None:
@@ -302,6 +477,9 @@ def _check_method(plan: MergePlan, problems: list[str]) -> None:
         problems.append(f"tokenizer_source {plan.tokenizer_source!r} is not one of the merged models")
     if plan.tokenizer_source == "base" and not plan.base_model:
         problems.append("tokenizer_source: base needs a base_model")
+    for tok, ts in plan.tokens.items():
+        if ts.model is not None and ts.model not in plan.referenced():
+            problems.append(f"tokenizer.tokens[{tok!r}]: source model {ts.model!r} is not one of the merged models")
     for i, s in enumerate(plan.slices):
         base = s.base_model or plan.base_model
         where = "" if plan.from_models else f"slices[{i}]: "
@@ -335,11 +513,12 @@ def _check_method(plan: MergePlan, problems: list[str]) -> None:
 
 
 def _mentions(name: str, plan: MergePlan, s: Slice) -> bool:
-    return name in plan.params or name in s.params or any(name in src.params for src in s.sources)
+    return name in plan.params or name in plan.module_params or name in s.params or \
+        any(name in src.params for src in s.sources)
 
 
 def _all_settings(plan: MergePlan, name: str):
-    for d in [plan.params] + [s.params for s in plan.slices] + \
+    for d in [plan.params, plan.module_params] + [s.params for s in plan.slices] + \
             [src.params for s in plan.slices for src in s.sources]:
         if name in d:
             yield d[name]
@@ -439,7 +618,7 @@ def resolve(plan: MergePlan, layers: dict[str, int], layer_tensors: list[str],
         src_of = {src.model: src for src in s.sources}
         params = {}
         for name, default in m.global_params.items():
-            v = lookup(name, [s.params, plan.params], out_name, t)
+            v = lookup(name, [s.params, plan.module_params, plan.params], out_name, t)
             if v is _MISSING:
                 v = default
             if v is None:
@@ -449,8 +628,8 @@ def resolve(plan: MergePlan, layers: dict[str, int], layer_tensors: list[str],
             vals = []
             for ref in models:
                 in_name = in_name_of(ref)
-                v = lookup(name, [src_of[ref].params if ref in src_of else {}, s.params, plan.params],
-                           in_name, t)
+                v = lookup(name, [src_of[ref].params if ref in src_of else {}, s.params,
+                                  plan.module_params, plan.params], in_name, t)
                 if v is _MISSING:
                     v = default
                 if v is None:
@@ -506,4 +685,32 @@ def _check_values(plan: MergePlan, jobs: list[Job]) -> None:
             for x in vs:
                 if _is_num(x) and not math.isfinite(x):
                     problems.append(f"parameter {name!r} is not finite for {j.out_name}")
+    problems += _zero_weights(plan, jobs)
     collect(list(dict.fromkeys(problems)), plan.path)
+
+
+# Methods whose normalized result divides by the plain sum of the weights, by the flag that
+# normalizes. The GTA methods divide by 1 where their sum is 0 (as mergekit does), so there only
+# weights that are all 0 (a merge that would return the base alone) are refused.
+DIVIDES_BY_SUM = {"linear": "normalize", "multislerp": "normalize_weights"}
+
+
+def _zero_weights(plan: MergePlan, jobs: list[Job]) -> list[str]:
+    m = plan.method
+    flag = DIVIDES_BY_SUM.get(m.name, "normalize")
+    if "weight" not in m.model_params or flag not in m.global_params:
+        return []
+    bad = []
+    for j in jobs:
+        ws = j.params["weight"]
+        if not j.params[flag] or not ws or not all(_is_num(w) for w in ws):
+            continue
+        if all(w == 0 for w in ws) or (m.name in DIVIDES_BY_SUM and sum(ws) == 0):
+            bad.append(j)
+    if not bad:
+        return []
+    j = bad[0]
+    what = "are all 0" if all(w == 0 for w in j.params["weight"]) else "sum to 0"
+    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+    return [f"the merge weights {list(j.params['weight'])} {what} for {j.out_name}{more}, and "
+            f"{flag}: true divides by their sum; give a nonzero weight or set {flag}: false"]

@@ -283,16 +283,19 @@ def finance_records(n_train: int, n_test: int = 0, seed: int = 0, generate: Gene
             for (i, s), c in zip(its, outs) if (c.response or "").strip()]
 
 
-def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
+def write_jsonl(records: Iterable[dict], path: str | Path, force: bool = True, inputs=(), data_dirs=(),
+                make_parents: bool = True) -> int:
+    """Write records as JSONL atomically (temp file + rename); an existing file is replaced only
+    with `force`, never when it is one of `inputs`."""
+    from jmerge.io.atomic import atomic_file
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, force, inputs, data_dirs) as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
-    tmp.replace(path)
     return n
 
 
@@ -316,6 +319,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("synth", help="harmful->refusal, benign->helpful, domain->expert pairs as JSONL")
     s.add_argument("--out", required=True, help="output JSONL: {prompt, response, source, split}")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists (never an input)")
     s.add_argument("--harmful", action="append", default=[],
                    help="harmful prompt source: harmbench, donotanswer, advbench or a file (repeatable)")
     s.add_argument("--aligned", help="aligned model whose refusals are kept (default: template refusals)")
@@ -348,6 +352,12 @@ def main(argv=None) -> int:
     for m in (a.aligned, a.model, a.expert):
         if m and not Path(m).exists():
             raise JmergeError(f"{m}: no such model directory or file")
+    import os
+
+    from jmerge.io.atomic import check_target
+    inputs = [*a.harmful, a.benign_prompts, a.aligned, a.model, a.expert]
+    data_dirs = [a.data or os.environ.get("JMERGE_DATA")]
+    check_target(a.out, a.force, inputs, kind="file", data_dirs=data_dirs)  # before any model answers
 
     keep = (lambda r: True) if a.split == "all" else (lambda r: r["split"] == a.split)
     from jmerge.eval.prompts import load_prompts
@@ -385,7 +395,7 @@ def main(argv=None) -> int:
     records = [r for r in records if keep(r)]
     if not records:
         raise JmergeError(f"no records left for split {a.split!r}")
-    n = write_jsonl(records, a.out)
+    n = write_jsonl(records, a.out, a.force, inputs, data_dirs, make_parents=False)
     print(f"{n} records -> {a.out}", file=sys.stderr)
     return 0
 

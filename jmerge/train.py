@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import optax
 from jmerge import data
 from jmerge.checkpoint import RunCheckpoint, fingerprint
 from jmerge.config import ModelConfig
-from jmerge.errors import JmergeError
+from jmerge.errors import JmergeError, collect
 from jmerge.objectives import response_ce
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -46,10 +47,27 @@ class SFTConfig:
     clip_norm: float = 1.0
 
     def validate(self):
-        if self.lora_rank < 0:
-            raise JmergeError(f"LoRA rank must be positive (got {self.lora_rank}; 0 means full fine-tuning)")
-        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
-            raise JmergeError("steps, batch_size and grad_accum must be positive")
+        """Every bad setting at once, before any array is made (a NaN lr would train a NaN model)."""
+        problems = []
+        if not (_whole(self.lora_rank) and self.lora_rank >= 0):
+            problems.append(f"LoRA rank must be positive (got {self.lora_rank!r}; 0 means full fine-tuning)")
+        least = dict(steps=1, batch_size=1, grad_accum=1, warmup=0, max_len=1, seed=0, checkpoint_every=1)
+        for name, low in least.items():
+            v = getattr(self, name)
+            if not (_whole(v) and v >= low):
+                problems.append(f"{name} must be a whole number >= {low}, got {v!r}")
+        for name, positive in dict(lr=True, lora_alpha=True, clip_norm=True, weight_decay=False).items():
+            v = getattr(self, name)
+            finite = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            if not finite or not (v > 0 if positive else v >= 0):
+                problems.append(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            problems.append(f"compute_dtype: expected float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        collect(problems, "fine-tuning settings")
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # ------------------------------------------------------------------------------------ LoRA

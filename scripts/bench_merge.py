@@ -7,8 +7,9 @@ Inputs (built once under $JMERGE_CACHE/bench): a base and two variants of SmolLM
 the variants being the base plus Gaussian noise (5% of each tensor's std, seeds 1 and 2). With
 --with-1b, the same for a ~1.1B Llama of random bf16 weights in 1 GB shards.
 
-mergekit lives in its own virtualenv (default /work/bench-venv-mergekit, created on first use
-with `pip install mergekit==0.1.5 torch==2.13.0`); it is never a jmerge dependency. Every run is
+mergekit lives in its own virtualenv ($MERGEKIT_VENV, default <repo>/.venv-mergekit: the one the
+differential tests make, tests/mergekit_ref.py; created on first use with
+`pip install mergekit==0.1.5 torch==2.13.0`); it is never a jmerge dependency. Every run is
 a fresh process measured by /usr/bin/time -v (wall clock, maximum resident set size). For the
 deterministic methods the two outputs are compared tensor by tensor (max |difference|).
 """
@@ -30,7 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-MERGEKIT_VENV = Path(os.environ.get("MERGEKIT_VENV", "/work/bench-venv-mergekit"))
+MERGEKIT_VENV = Path(os.environ.get("MERGEKIT_VENV", ROOT / ".venv-mergekit"))
 DETERMINISTIC = ("ties", "task_arithmetic", "slerp")
 
 CONFIGS = {

@@ -1,10 +1,13 @@
 """Sparsifying / task-arithmetic merge methods against hand-derived values and numpy oracles.
 
 The oracles are direct transcriptions of the published formulas (mergekit's GTA pipeline,
-sort-based top-k). Random methods draw their masks with the documented key contract: model i
+sort-based top-k) with mergekit 0.1.5's counts for planned densities (np_k, np_count; the
+engine hands them in through a method's `host_params`, as `call` does) and jmerge's own float32
+rounding for traced ones (np_round_k, the search's path). Random methods draw their masks with the documented key contract: model i
 uses jax.random.bernoulli(fold_in(key, i), p, shape); everything after the draw is numpy.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -25,7 +28,25 @@ KEY = jax.random.key(42)
 # ---- numpy oracles --------------------------------------------------------------------------
 
 def np_k(density, n):
-    return int(min(max(np.floor(density * n + 0.5), 0), n))
+    """mergekit's `magnitude`: all if density >= 1, none if <= 0, else max(1, int(density * n))."""
+    if density >= 1:
+        return n
+    return 0 if density <= 0 else max(1, int(density * n))
+
+
+def np_count(frac, n):
+    """mergekit's `magnitude_outliers` counts: int(frac * n), no floor of one."""
+    return min(max(int(frac * n), 0), n)
+
+
+def np_round_k(density, n):
+    """A traced density's count: round(density * n), half up, in float32."""
+    return int(min(max(np.floor(np.float32(density) * np.float32(n) + np.float32(0.5)), 0), n))
+
+
+def np_sce_k(select_topk, nonzero):
+    """mergekit's SCE count: int(nonzero * select_topk), a float32 product (torch tensor * float)."""
+    return int(np.float32(nonzero) * np.float32(select_topk))
 
 
 def np_topk_mask(x, k):
@@ -53,8 +74,8 @@ def np_outliers(tv, density, gamma, rescale=False):
     if density >= 1:
         return tv
     n = tv.size
-    n_keep = np_k(density, n)
-    n_top = min(np_k(gamma, n), n - n_keep)
+    n_keep = np_count(density, n)
+    n_top = min(np_count(gamma, n), n - n_keep)
     order = np.argsort(-np.abs(tv).ravel(), kind="stable")
     mask = np.zeros(n, bool)
     mask[order[n_top:n_top + n_keep]] = True
@@ -112,13 +133,18 @@ def jitted(name):
     return jax.jit(lambda base, models, key, params: fn(base, models, key=key, **params))
 
 
-def call(name, base, models, key=None, **params):
+def call(name, base, models, key=None, planned=True, **params):
     """Call through jit with every parameter traced (lists become one traced scalar per model).
 
-    Unset parameters are filled from the registry so each method compiles once per shape."""
+    Unset parameters are filled from the registry so each method compiles once per shape. As
+    the engine does for a merge YAML (`planned`), a method's `host_params` first computes its
+    exact counts from the Python values; planned=False is the search's path (traced values only)."""
     m = get(name)
     filled = {k: [v] * len(models) for k, v in m.model_params.items() if v is not None}
     params = {**filled, **m.global_params, **params}
+    host = getattr(m.fn, "host_params", None)
+    if planned and host is not None:
+        params.update(host(params, int(np.size(base))))
     traced = {k: ([jnp.asarray(x) for x in v] if isinstance(v, (list, tuple)) else jnp.asarray(v))
               for k, v in params.items()}
     return jitted(name)(jnp.asarray(base), [jnp.asarray(m) for m in models], key, traced)
@@ -176,13 +202,60 @@ def test_kth_clips_k_and_bf16_input():
 
 def test_topk_mask_density_rounding_full_and_tiny():
     x = rand(*SHAPE)
-    for density, k in [(1.0, 20), (0.5, 10), (0.33, 7), (0.02, 0), (0.03, 1), (0.0, 0)]:
+    # (density, mergekit's count for a known density, round half up for a traced one), n = 20
+    for density, k, k_traced in [(1.0, 20, 20), (0.5, 10, 10), (0.33, 6, 7), (0.02, 1, 0),
+                                 (0.03, 1, 1), (0.0, 0, 0)]:
+        assert (np_k(density, 20), np_round_k(density, 20)) == (k, k_traced)
         mask = np.asarray(sp.topk_mask(jnp.asarray(x), density))
         assert mask.sum() == k, density
         np.testing.assert_array_equal(mask, np_topk_mask(x, k))
+        traced = np.asarray(jax.jit(sp.topk_mask)(jnp.asarray(x), jnp.float32(density)))
+        np.testing.assert_array_equal(traced, np_topk_mask(x, k_traced))
     tie = np.array([1.0, -1.0, 1.0, 0.5, -1.0], np.float32)
     np.testing.assert_array_equal(np.asarray(sp.topk_mask_k(tie, 2)),
                                   [True, True, False, False, False])
+
+
+def _distinct(shape, seed=0):
+    """Entries of distinct magnitudes 1..n with random signs (no ties at any count)."""
+    r = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    return (r.permutation(n) + 1.0).astype(np.float32).reshape(shape) * r.choice([-1, 1], shape)
+
+
+def test_planned_counts_are_mergekits_and_traced_ones_round():
+    """A YAML's densities keep mergekit's int() counts (the engine computes them on the host);
+    the search's traced densities round half up in float32. n = 20: density 0.33 keeps 6
+    (traced: 7), 0.02 keeps 1 (traced: 0); breadcrumbs' gamma 0.08 drops int(1.6) = 1 (traced: 2)."""
+    base, tv = np.zeros(SHAPE, np.float32), _distinct(SHAPE)
+    for planned, k33, k02, drop in ((True, 6, 1, 1), (False, 7, 0, 2)):
+        for density, k in ((0.33, k33), (0.02, k02)):
+            got = call("ties", base, [tv], weight=[0.5], density=[density], planned=planned)
+            np.testing.assert_array_equal(np.asarray(got), np.where(np_topk_mask(tv, k), tv, 0))
+        got = call("breadcrumbs", base, [tv], weight=[1.0], density=[0.33], gamma=[0.08],
+                   planned=planned)
+        band = np_topk_mask(tv, drop + k33) & ~np_topk_mask(tv, drop)
+        np.testing.assert_array_equal(np.asarray(got), np.where(band, tv, 0))
+
+
+def test_engine_adds_mergekits_counts_to_a_planned_job():
+    """merging.prepare's host step: a ties job gets its per-model counts as int32, which
+    job_params passes on untouched (float32 would round counts above 2**24)."""
+    from jmerge.merging import job_params, with_host_params
+    from jmerge.plan import Job
+    job = Job("model.norm.weight", None, 0, "b", ("m1", "m2"), ("n", "n", "n"),
+              {"weight": (1.0, 1.0), "density": (0.33, 0.02), "normalize": True})
+    dyn, _ = job_params(with_host_params(get("ties"), job, (WIDE,)), frozenset(), None)
+    assert [int(k) for k in dyn["density_k"]] == [int(0.33 * WIDE), int(0.02 * WIDE)]
+    assert int(np.float32(int(0.33 * WIDE))) != int(0.33 * WIDE)
+    assert all(k.dtype == np.int32 for k in dyn["density_k"]) and dyn["density"][0].dtype == np.float32
+    dyn, _ = job_params(with_host_params(get("breadcrumbs"), dataclasses.replace(
+        job, params={**job.params, "gamma": (0.08, 0.3)}), (20,)), frozenset(), None)
+    assert [int(k) for k in dyn["density_k"] + dyn["gamma_k"]] == [6, 0, 1, 6]
+    assert with_host_params(get("task_arithmetic"), job, (20,)) is job
+
+
+WIDE = 2**26 + 1  # int(0.33 * WIDE) is odd, above 2**24: no float32 holds it
 
 
 def test_global_threshold_across_arrays():
@@ -195,7 +268,7 @@ def test_global_threshold_across_arrays():
         assert float(sp.global_kth_largest_abs(xs, jnp.int32(k))) == allmag[k - 1]
     traced = jax.jit(lambda d: sp.global_topk_threshold(xs, d))
     for density in [0.1, 0.5, 1.0]:
-        k = max(np_k(density, n), 1)
+        k = max(np_round_k(density, n), 1)
         thr = float(sp.global_topk_threshold(xs, density))
         assert thr == allmag[k - 1]
         assert sum(int((np.abs(x) >= thr).sum()) for x in xs) == k  # no ties at these k
@@ -296,11 +369,11 @@ def test_joint_trim_of_several_task_vectors_equals_each_alone(shape):
         joint = as_arrays if "denormal" in trio else as_pairs
         got = joint([jnp.asarray(cases[c]) for c in trio], jnp.asarray(base), [jnp.float32(d) for d in ds])
         for c, d, g in zip(trio, ds, got):
-            want = np.where(bisect_topk_mask(cases[c], np_k(d, n)), cases[c], 0)
+            want = np.where(bisect_topk_mask(cases[c], np_round_k(d, n)), cases[c], 0)
             np.testing.assert_array_equal(np.asarray(g), want, err_msg=f"{c} density {d}")
 
     def guessed(x, d):  # whether the first pass's guess is the k-th key, with ties at it
-        k = jnp.int32(np_k(d, n))
+        k = jnp.int32(np_round_k(d, n))
         ts = sp._thresholds(sp._guided(sp._sample(jnp.asarray(x)), k), sp._start(jnp.int32(n), jnp.int32(0)))
         u = np.abs(x).view(np.uint32).ravel()
         t = bisect_kth_bits(x, int(k))
@@ -464,8 +537,10 @@ def test_sce_by_hand():
     # c ~ mean(tau^2) = 1.5, 4.25. Entry 0: sum 0 elects +, only model 1 agrees; entry 2: both
     # agree -> (1 * 1.5 + 3 * 4.25) / 5.75; entry 3: sum 1 elects +, only model 2 agrees
     close(call("sce", base, [m1, m2], select_topk=1.0), [2.0, 0.0, 14.25 / 5.75, 2.0])
-    # variances 4, 0, 1, 2.25: 3 nonzero, select 0.5 keeps round(1.5) = 2 -> entries 0 and 3
-    close(call("sce", base, [m1, m2], select_topk=0.5), [2.0, 0.0, 0.0, 2.0])
+    # variances 4, 0, 1, 2.25: 3 nonzero, select 0.7 keeps int(2.1) = 2 -> entries 0 and 3
+    close(call("sce", base, [m1, m2], select_topk=0.7), [2.0, 0.0, 0.0, 2.0])
+    # select 0.5 keeps int(1.5) = 1 (as mergekit truncates) -> entry 0, c = 1/2 each
+    close(call("sce", base, [m1, m2], select_topk=0.5), [2.0, 0.0, 0.0, 0.0])
 
 
 # ---- methods: numpy-oracle goldens on random 4x5 tensors -----------------------------------
@@ -536,7 +611,7 @@ def test_sce_oracle():
         t = tv.copy()
         if topk < 1:
             var = t.var(0)
-            k = np_k(topk, int(np.count_nonzero(var)))
+            k = np_sce_k(topk, int(np.count_nonzero(var)))
             t = t * np_topk_mask(var, k)
         c = (t ** 2).mean(axis=(1, 2))
         c = c / c.sum() if abs(c.sum()) >= 1e-6 else np.full(3, 1 / 3)

@@ -163,7 +163,7 @@ def np_ties(base, models, densities, weights):
     for m, d in zip(models, densities):
         tv = m.astype(np.float32) - b
         if d < 1:
-            k = int(np.floor(d * tv.size + 0.5))
+            k = max(1, int(d * tv.size))  # mergekit 0.1.5's count for a density from the YAML
             order = np.argsort(-np.abs(tv).ravel(), kind="stable")
             keep = np.zeros(tv.size, bool)
             keep[order[:k]] = True

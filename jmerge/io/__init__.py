@@ -74,7 +74,7 @@ def load_model(src: str | Path, *, mesh: Mesh | None = None, dtype=None, allow_n
     if adapter is None and peft.is_adapter_dir(path):
         adapter, path = str(path), Path(base) if base else None
         if path is None:
-            named = peft.LoraAdapter(adapter).config.get("base_model_name_or_path")
+            named = peft.read_adapter_config(adapter).get("base_model_name_or_path")
             if not named or not Path(named).exists():
                 raise JmergeError(f"{adapter}: a LoRA adapter needs its base model: pass BASE+{adapter} "
                                   f"(or --base BASE); its config names {named!r}, not a local directory")
@@ -84,16 +84,20 @@ def load_model(src: str | Path, *, mesh: Mesh | None = None, dtype=None, allow_n
     if path.suffix == ".gguf":
         from jmerge.io.gguf import read_gguf
         g = read_gguf(path)
-        cfg, source, write_tok = from_hf_dict(g.config), GGUFSource(g), g.save_tokenizer
+        g.chat_template()  # checked before the weights are read: the output's tokenizer carries it
+        cfg, source, write_tok = from_hf_dict(g.config, str(path)), GGUFSource(g), g.save_tokenizer
     elif orbax_io.is_orbax_dir(path):
         if adapter:
             raise JmergeError(f"{src}: LoRA adapters apply to HF or GGUF bases, not orbax directories")
+        hf.check_tokenizer(path)
         cfg, params = orbax_io.load_orbax(path, mesh, dtype)
         if not allow_nonfinite:
             hf.check_finite(params, cfg, str(path))
         return Loaded(cfg, params, src, lambda out: hf.copy_tokenizer(path, out))
     else:
         cfg, source = load_config(path), Checkpoint(path)
+        if path.is_dir():
+            hf.check_tokenizer(path)  # before any weight is read: the output copies these files
         write_tok = lambda out: hf.copy_tokenizer(path, out)  # noqa: E731
     if adapter:
         source = peft.LoraSource(source, peft.LoraAdapter(adapter))

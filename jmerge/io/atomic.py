@@ -1,42 +1,245 @@
-"""Outputs appear whole or not at all: written to a temporary sibling, renamed into place."""
+"""Outputs appear whole or not at all, and never at an input's expense.
+
+Every output is written to a temporary sibling and renamed into place. An output that would
+replace or swallow something the command reads (an input, the folder holding the inputs, the
+working directory) is refused before any work, `--force` or not: `--force` only replaces an
+earlier output, and the old output is deleted only once the new one is in place.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import signal
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 from jmerge.errors import JmergeError
 
+# Seconds to wait with a finished temporary output, before its rename: a window in which tests
+# send signals to a real run.
+HOLD_ENV = "JMERGE_TEST_HOLD_TMP"
 
-def check_target(out: str | Path, force: bool = False) -> Path:
+
+def _forms(p: str | Path) -> set[Path]:
+    """The path as written (made absolute) and with its symlinks resolved: a symlink to an input
+    is that input, and a symlink inside the output still goes away with it."""
+    p = os.path.expanduser(str(p))
+    return {Path(os.path.abspath(p)), Path(os.path.realpath(p))}
+
+
+def _input_paths(inputs) -> list[str]:
+    """The existing paths among `inputs` (None and built-in source names drop out); BASE+ADAPTER
+    counts as both parts."""
+    paths = []
+    for x in inputs:
+        if x is None:
+            continue
+        s = os.path.expanduser(str(x))
+        parts = [s] if os.path.lexists(s) or "+" not in s else s.split("+")
+        paths += [q for q in parts if q and os.path.lexists(q)]
+    return paths
+
+
+def model_inputs(ref: str | Path | None, base: str | Path | None = None) -> list:
+    """The paths loading model `ref` reads: BASE+ADAPTER's parts, and for an adapter directory
+    the base it is given or the one its config names."""
+    if ref is None:
+        return []
+    from jmerge.io import peft
+    named = None
+    if base is None and peft.is_adapter_dir(ref):
+        named = peft.LoraAdapter(ref).config.get("base_model_name_or_path")
+    return [ref, base, named if isinstance(named, str) else None]
+
+
+def _relation(out: Path, other: Path) -> str | None:
+    if out == other:
+        return "is"
+    if other in out.parents:
+        return "lies inside"
+    if out in other.parents:
+        return "contains"
+    return None
+
+
+def check_overlap(out: str | Path, inputs=(), outputs=(), data_dirs=()) -> None:
+    """Refuse an output that is, contains or lies inside one of `inputs` (or of the command's
+    other `outputs`, existing yet or not), or is or contains the working directory: replacing it
+    would destroy what the command reads or has just written. `data_dirs` are folders the command
+    looks its data files up in (--data): the output may lie inside one, not be or hold it."""
+    outs = _forms(out)
+    named = ([("input", q, True) for q in _input_paths(inputs)] + [("output", q, True) for q in outputs]
+             + [("data directory", q, False) for q in _input_paths(data_dirs)])
+    for kind, q, nested in named:
+        for o in outs:
+            for i in _forms(q):
+                rel = _relation(o, i)
+                if rel and (nested or rel != "lies inside"):
+                    raise JmergeError(f"{out}: refusing to write there: it {rel} the {kind} {q} "
+                                      f"(--force does not override this; choose another path)")
+    try:
+        cwd = _forms(os.getcwd())
+    except OSError:  # the working directory was deleted: nothing there to lose
+        cwd = set()
+    for o in outs:
+        for c in cwd:
+            if o == c or o in c.parents:
+                what = "is" if o == c else "contains"
+                raise JmergeError(f"{out}: refusing to write there: it {what} the current directory "
+                                  f"(--force does not override this; choose another path)")
+
+
+def check_writable(d: str | Path) -> None:
+    """Write (and remove) a small file in directory `d`: a read-only or full location is found
+    before the work, not after. Permission bits alone would miss read-only mounts (and root)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jmerge-probe-", dir=d)
+    except OSError as e:
+        raise _write_error(d, e) from None
+    try:
+        os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        raise _write_error(d, e) from None
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _write_error(d, e: OSError) -> JmergeError:
+    if e.errno == errno.ENOSPC:
+        return JmergeError(f"{d}: no space left on the device; nothing was written")
+    return JmergeError(f"{d}: cannot write the output there ({e.strerror})")
+
+
+def check_target(out: str | Path, force: bool = False, inputs=(), kind: str = "directory",
+                 outputs=(), data_dirs=()) -> Path:
+    """`out` if a `kind` ("directory" or "file") output may be written there: it overlaps no
+    input (see check_overlap), exists only with `force`, and its parent is an existing writable
+    directory."""
     out = Path(out)
-    if out.exists() and not force:
+    check_overlap(out, inputs, outputs, data_dirs)
+    if kind == "file" and out.is_dir():
+        raise JmergeError(f"{out}: is a directory, expected an output file path")
+    if os.path.lexists(out) and not force:
         raise JmergeError(f"{out}: already exists (pass --force to replace it)")
-    if not out.parent.exists():
-        raise JmergeError(f"{out.parent}: output's parent directory does not exist")
+    parent = out.parent
+    if not parent.exists():
+        raise JmergeError(f"{parent}: output's parent directory does not exist")
+    if not parent.is_dir():
+        raise JmergeError(f"{parent}: output's parent is not a directory")
+    check_writable(parent)
+    return out
+
+
+def check_workspace(out: str | Path, inputs=(), data_dirs=()) -> Path:
+    """A working directory that is created if missing and kept between runs (the search's): it
+    overlaps no input, and its nearest existing ancestor (or itself) is a writable directory."""
+    out = Path(out)
+    check_overlap(out, inputs, data_dirs=data_dirs)
+    d = out
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise JmergeError(f"{d}: is not a directory, so the output {out} cannot be made there")
+    check_writable(d)
     return out
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, force: bool = False):
-    """Yield a temporary directory beside `out`; on success it replaces `out` in one rename."""
-    out = check_target(out, force)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def _signals_deferred():
+    """SIGINT/SIGTERM wait until the swap of old and new output is done, so neither is lost
+    half-way; a signal that came meanwhile is delivered afterwards."""
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved = {s: signal.signal(s, lambda n, _f: pending.append(n)) for s in sigs}
     try:
-        yield tmp
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno == 28:
-            raise JmergeError(f"{out}: disk full while writing; nothing was written") from None
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
     else:
+        p.unlink(missing_ok=True)
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an old out is moved aside first and deleted only once tmp is in place
+    (put back if the rename fails)."""
+    if not os.path.lexists(out):
         os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    _remove(old)
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    _remove(old)
+
+
+def _hold_for_tests() -> None:
+    secs = os.environ.get(HOLD_ENV)
+    if secs:
+        time.sleep(float(secs))
+
+
+def _disk_full(e: BaseException, out: Path) -> None:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        raise JmergeError(f"{out}: disk full while writing; nothing was written") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, force: bool = False, inputs=(), data_dirs=()):
+    """Yield a temporary directory beside `out`; on success it replaces `out` in one rename. On
+    any failure (an interrupt too) the temporary directory goes and an old `out` stays as it was."""
+    out = check_target(out, force, inputs, data_dirs=data_dirs)
+    tmp = out.parent / f".{out.name}.tmp"
+    _remove(tmp)  # left by a run that was killed outright
+    try:
+        tmp.mkdir()
+        yield tmp
+        _hold_for_tests()
+        with _signals_deferred():
+            _swap(tmp, out)
+    except BaseException as e:
+        _remove(tmp)
+        _disk_full(e, out)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, force: bool = False, inputs=(), data_dirs=(), encoding: str = "utf-8"):
+    """Yield a text file open on a temporary sibling of `path`; on success it replaces `path` in
+    one rename, on failure it is removed and an old `path` stays as it was."""
+    path = check_target(path, force, inputs, kind="file", data_dirs=data_dirs)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding=encoding) as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600, not what a plain open would give
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        with _signals_deferred():
+            os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        _disk_full(e, path)
+        raise

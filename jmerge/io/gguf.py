@@ -151,7 +151,10 @@ class GGUFModel:
     def __init__(self, path: Path, reader):
         self.path = path
         self._reader = reader
-        self.metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        try:
+            self.metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        except Exception as e:  # gguf decodes lazily; a damaged value fails here with any type
+            raise JmergeError(f"{path}: damaged GGUF metadata ({type(e).__name__}: {e})") from None
         self.arch = self.metadata.get("general.architecture")
         if self.arch not in ARCHITECTURES:
             raise JmergeError(
@@ -161,8 +164,10 @@ class GGUFModel:
         self._tensors = self._map_tensors()
         try:
             self.config = self._build_config()
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise JmergeError(f"{path}: bad GGUF metadata value ({e})") from None
+        from jmerge.config import from_hf_dict
+        from_hf_dict(self.config, str(path))  # ranges checked before any shape is computed from them
         self._heads = self.config["num_attention_heads"]
         self._kv_heads = self.config["num_key_value_heads"]
         self._check_shapes()
@@ -269,7 +274,7 @@ class GGUFModel:
         # llama.cpp writes key_length only when the HF config had head_dim; Llama's rope dimension
         # is the full head (Qwen's may not be, so it is not read there).
         rope_dim = self._meta("rope.dimension_count") if self.arch == "llama" else None
-        head_dim = self._meta("attention.key_length") or rope_dim or hidden // heads
+        head_dim = self._meta("attention.key_length") or rope_dim or (hidden // heads if heads > 0 else 0)
         # The embedding's row count is what the model uses (a vocabulary may be padded past the tokens).
         vocab = self.shape("model.embed_tokens.weight")[0]
         cfg = {
@@ -326,7 +331,13 @@ class GGUFModel:
 
     # --- tokenizer -------------------------------------------------------------------------
     def chat_template(self) -> str | None:
-        return self.metadata.get("tokenizer.chat_template")
+        t = self.metadata.get("tokenizer.chat_template")
+        if t is not None:
+            from jmerge.io.hf import check_chat_template
+            if not isinstance(t, str):
+                raise JmergeError(f"{self.path}: GGUF tokenizer.chat_template must be a string")
+            check_chat_template(t, f"{self.path} (tokenizer.chat_template)")
+        return t
 
     def build_tokenizer(self):
         """A transformers fast tokenizer built from the GGUF metadata (no torch needed)."""
@@ -356,21 +367,23 @@ class GGUFModel:
             tok_config[name] = tokens[token_id] if token_id is not None and token_id < len(tokens) else None
         try:
             backend, extra = convert_gguf_tokenizer(self.arch, tok_dict)
-        except (ValueError, KeyError, NotImplementedError) as e:
-            raise JmergeError(f"{self.path}: cannot build a tokenizer from the GGUF metadata ({e})") from None
-        tok_config.setdefault("model_max_length", self.config["max_position_embeddings"])
-        return PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config, **extra)
+            tok_config.setdefault("model_max_length", self.config["max_position_embeddings"])
+            return PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config, **extra)
+        except Exception as e:  # transformers and tokenizers raise many unrelated types here
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise JmergeError(f"{self.path}: cannot build a tokenizer from the GGUF metadata ({first})") from None
 
     def save_tokenizer(self, out_dir: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json (with chat_template) and special tokens."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        template = self.chat_template()
         self.build_tokenizer().save_pretrained(str(out))
         # transformers v5 puts the template in chat_template.jinja; older readers look in the config.
         cfg_file = out / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text())
-        if self.chat_template() and "chat_template" not in cfg:
-            cfg["chat_template"] = self.chat_template()
+        if template and "chat_template" not in cfg:
+            cfg["chat_template"] = template
             cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
@@ -387,9 +400,8 @@ class GGUFModel:
 
 def read_gguf(path: str | Path) -> GGUFModel:
     """Open a GGUF checkpoint of the Llama family; bad or unsupported files raise JmergeError."""
-    p = Path(path)
-    if not p.is_file():
-        raise JmergeError(f"{p}: no such GGUF file")
+    from jmerge.io.files import regular_file
+    p = regular_file(path, "GGUF file")
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(str(p), "r")

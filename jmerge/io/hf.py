@@ -8,6 +8,7 @@ memory-mapped slices); saving streams one tensor at a time to sharded safetensor
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -23,6 +24,7 @@ from jmerge import sharding as shd
 from jmerge.config import ModelConfig, load_config
 from jmerge.errors import JmergeError, collect
 from jmerge.io.atomic import atomic_dir
+from jmerge.io.files import loads_json, read_text, regular_file
 from jmerge.io.safetensors_io import Checkpoint, write_file
 from jmerge.models.layout import abstract_params
 
@@ -207,7 +209,7 @@ def save_hf(params, cfg: ModelConfig, out: str | Path, *, max_shard_size: str | 
             bar.update(1)
             yield a
 
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, inputs=(extra_from,)) as tmp:
         write_shards(tmp, items, stream(), max_shard_size, write=writer)
         if writer:
             write_config(tmp, cfg, items[0][1] if dtype is None else np.dtype(dtype))
@@ -269,7 +271,110 @@ def copy_tokenizer(src: str | Path, out: Path) -> None:
     src = src.parent if src.is_file() else src
     for f in TOKENIZER_FILES:
         if (src / f).exists():
-            shutil.copy2(src / f, out / f)
+            shutil.copy2(regular_file(src / f, "tokenizer file"), out / f)
+
+
+# Files holding the vocabulary itself; the others only configure it.
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "vocab.json", "chat_template.json", "generation_config.json")
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def check_tokenizer(d: str | Path, required: bool = False) -> None:
+    """Every tokenizer file of a model folder, checked before any weight is read: regular files,
+    UTF-8, strict JSON objects of the right shape, a tokenizer.json that the tokenizers library
+    parses, chat templates that compile. A folder without tokenizer files passes unless
+    `required` (a weights-only checkpoint converts; it cannot generate)."""
+    d = Path(d)
+    present = [f for f in TOKENIZER_FILES if (d / f).exists() and f != "generation_config.json"]
+    if not present and required or present and not any(f in present for f in VOCAB_FILES):
+        held = ", ".join(sorted(p.name for p in d.iterdir())) or "nothing"
+        what = "incomplete tokenizer: no" if present else "no tokenizer:"
+        raise JmergeError(f"{d}: {what} {' / '.join(VOCAB_FILES)} (the folder holds: {held})")
+    for name in TOKENIZER_FILES:
+        f = d / name
+        if not f.exists():
+            continue
+        if name in _JSON_FILES:
+            text = read_text(f, name)
+            _check_tokenizer_json(f, text, loads_json(text, f, name))
+        elif name.endswith((".txt", ".jinja")):
+            text = read_text(f, name)
+            if name == "chat_template.jinja":
+                check_chat_template(text, f)
+        else:
+            regular_file(f, name)
+
+
+def _check_tokenizer_json(f: Path, text: str, obj: dict) -> None:
+    name = f.name
+    if name == "tokenizer.json":
+        from tokenizers import Tokenizer
+        try:
+            Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises its own untyped exception for a bad layout
+            raise JmergeError(f"{f}: not a tokenizer the tokenizers library can read ({_first_line(e)})") from None
+    elif name in ("tokenizer_config.json", "chat_template.json"):
+        template = obj.get("chat_template")
+        named = template if isinstance(template, list) else [{"name": "default", "template": template}]
+        for t in named:
+            src = t.get("template") if isinstance(t, dict) else t
+            if src is None and template is None:
+                continue
+            if not isinstance(src, str):
+                raise JmergeError(f"{f}: chat_template must be a string or a list of "
+                                  f"{{name, template}} objects, got {json.dumps(template)[:60]}")
+            check_chat_template(src, f)
+        for key in _SPECIAL_TOKENS:
+            v = obj.get(key)
+            if v is not None and not isinstance(v, str) and not (isinstance(v, dict) and isinstance(v.get("content"), str)):
+                raise JmergeError(f"{f}: {key} must be a token string or an object with a 'content' string, "
+                                  f"got {json.dumps(v)[:60]}")
+    elif name in ("vocab.json", "added_tokens.json"):
+        bad = next((k for k, v in obj.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
+        if bad is not None:
+            raise JmergeError(f"{f}: token {bad!r} must map to a non-negative integer id, got {json.dumps(obj[bad])[:40]}")
+    elif name == "generation_config.json":
+        eos = obj.get("eos_token_id")
+        ids = eos if isinstance(eos, list) else [eos]
+        if eos is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise JmergeError(f"{f}: eos_token_id must be a token id or a list of them, got {json.dumps(eos)[:60]}")
+
+
+def check_chat_template(src: str, where: str | Path) -> None:
+    """A Jinja syntax error in a chat template, found when the template is read rather than when
+    the first prompt is rendered."""
+    import jinja2
+    try:
+        _jinja_env().parse(src)
+    except jinja2.TemplateSyntaxError as e:
+        raise JmergeError(f"{where}: chat template has a Jinja syntax error on line {e.lineno}: {e.message}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _jinja_env():
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+
+    class GenerationBlocks(jinja2.ext.Extension):
+        """transformers' `{% generation %}...{% endgeneration %}` (assistant-token masks): parsed
+        as a plain block, since only the syntax is checked here."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    # The options transformers renders chat templates with (trim/lstrip blocks, loop controls).
+    return jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, GenerationBlocks])
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _bar(total: int, enabled: bool, desc: str):

@@ -7,7 +7,9 @@ on one mesh loads onto another without a host copy of the model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from pathlib import Path
 
 import jax
@@ -15,7 +17,7 @@ from jax.sharding import Mesh
 
 from jmerge import sharding as shd
 from jmerge.config import ModelConfig, load_config
-from jmerge.errors import JmergeError
+from jmerge.errors import JmergeError, collect
 from jmerge.io.atomic import atomic_dir
 from jmerge.io.hf import copy_tokenizer, write_config
 
@@ -52,12 +54,18 @@ def _metadata(path, *args, **kw):
 
 
 def is_orbax_dir(path: str | Path) -> bool:
-    return (Path(path) / "params").is_dir() and _ocp().is_orbax_checkpoint(Path(path) / "params")
+    params = Path(path) / "params"
+    if not params.is_dir():
+        return False
+    try:
+        return bool(_ocp().is_orbax_checkpoint(params))
+    except Exception:  # a damaged layout: not recognisably orbax; the other readers report it
+        return False
 
 
 def save_orbax(params, cfg: ModelConfig, out: str | Path, *, extra_from=None, force=False,
                tokenizer_writer=None) -> Path:
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, inputs=(extra_from,)) as tmp:
         _save(tmp / "params", params)
         if jax.process_index() == 0:
             leaf = jax.tree.leaves(params)[0]
@@ -75,8 +83,48 @@ def load_orbax(path: str | Path, mesh: Mesh | None = None, dtype=None) -> tuple[
         raise JmergeError(f"{path}: not a jmerge orbax directory (config.json + params/)")
     cfg = load_config(path)
     mesh = mesh or shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
-    meta = _metadata(path / "params").metadata
+    with _orbax_errors(path / "params"):
+        meta = _metadata(path / "params").metadata
+    _check_layout(meta, cfg, path)
     shardings = shd.param_shardings(meta, mesh)
     target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s),
                           meta, shardings)
-    return cfg, _load(path / "params", target)
+    with _orbax_errors(path / "params"):
+        return cfg, _load(path / "params", target)
+
+
+@contextlib.contextmanager
+def _orbax_errors(where: Path):
+    """orbax and tensorstore errors (of any type) as one line naming the checkpoint; orbax's own
+    warnings about the damage are kept off the terminal, the line says it."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    except JmergeError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise JmergeError(f"{where}: unreadable orbax checkpoint ({type(e).__name__}: {first})") from None
+    finally:
+        absl.setLevel(level)
+
+
+def _check_layout(meta, cfg: ModelConfig, path: Path) -> None:
+    """The stored tree against the one config.json implies: every missing, extra or mis-shaped
+    leaf at once, before anything is restored."""
+    from jmerge.io.hf import leaf_paths
+    if meta is None:  # orbax's answer when it cannot read its own metadata
+        raise JmergeError(f"{path / 'params'}: unreadable orbax checkpoint (its metadata is damaged or missing)")
+    if not isinstance(meta, dict):
+        raise JmergeError(f"{path / 'params'}: orbax checkpoint holds a {type(meta).__name__}, not a params tree")
+    want = {"/".join(k): tuple(a.shape) for k, a in leaf_paths(cfg).items()}
+    have = {}
+    for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]:
+        have["/".join(str(getattr(k, "key", k)) for k in p)] = tuple(getattr(m, "shape", ()) or ())
+    problems = [f"missing {k}" for k in want if k not in have]
+    problems += [f"unexpected {k}" for k in have if k not in want]
+    problems += [f"{k} has shape {list(have[k])}, config implies {list(s)}" for k, s in want.items()
+                 if k in have and have[k] != s]
+    collect(problems, f"{path}: params/ does not match config.json ({cfg.family})")

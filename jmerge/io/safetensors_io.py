@@ -9,6 +9,7 @@ process reads only the bytes of the shards it owns.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -18,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from jmerge.errors import JmergeError
+from jmerge.io.files import inside, loads_json, read_json, regular_file
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -29,13 +31,14 @@ DTYPES = {
 CODES = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_HEADER = 100 * 1024 * 1024
+INDEX = "model.safetensors.index.json"
 
 
 class SafetensorsFile:
     """One .safetensors file: validated header, lazily memory-mapped tensors."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = regular_file(path, "safetensors file")
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -45,31 +48,48 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", raw)
                 if n > MAX_HEADER or 8 + n > size:
                     raise JmergeError(f"{self.path}: header length {n} does not fit in a {size}-byte file (truncated or not safetensors)")
-                header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise JmergeError(f"{self.path}: corrupt safetensors header (not JSON)") from None
+                header = loads_json(f.read(n), self.path, "safetensors header")
         except OSError as e:
             raise JmergeError(f"{self.path}: cannot read ({e.strerror})") from None
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise JmergeError(f"{self.path}: safetensors header __metadata__ must be an object of strings")
         self.data_start = 8 + n
         data_len = size - self.data_start
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
-            try:
-                dtype = DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except KeyError as err:
-                raise JmergeError(f"{self.path}: tensor {name!r} has an unknown dtype or missing field {err}") from None
-            except (TypeError, ValueError):
-                raise JmergeError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
-            want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if end - begin != want or begin < 0:
-                raise JmergeError(f"{self.path}: tensor {name!r} header says {end - begin} bytes, shape {list(shape)} {e['dtype']} needs {want}")
-            if end > data_len:
-                raise JmergeError(f"{self.path}: tensor {name!r} ends at byte {end} past the data ({data_len} bytes): truncated file")
-            self.entries[name] = (dtype, shape, begin, end)
+            self.entries[name] = self._entry(name, e, data_len)
+        self._check_overlap()
         self._mm = None
+
+    def _entry(self, name: str, e, data_len: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(e, dict):
+            raise JmergeError(f"{where}: header entry must be an object with dtype, shape and data_offsets")
+        code = e.get("dtype")
+        if not isinstance(code, str) or code not in DTYPES:
+            raise JmergeError(f"{where}: unknown dtype {json.dumps(code)[:40]}; known: {', '.join(DTYPES)}")
+        shape, offsets = e.get("shape"), e.get("data_offsets")
+        if not _int_list(shape):
+            raise JmergeError(f"{where}: shape must be a list of non-negative integers, got {json.dumps(shape)[:60]}")
+        if not _int_list(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise JmergeError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                              f"got {json.dumps(offsets)[:60]}")
+        dtype, (begin, end) = DTYPES[code], offsets
+        want = math.prod(shape) * dtype.itemsize  # Python ints: a lying shape cannot overflow
+        if end - begin != want:
+            raise JmergeError(f"{where}: header says {end - begin} bytes, shape {shape} {code} needs {want}")
+        if end > data_len:
+            raise JmergeError(f"{where}: ends at byte {end} past the data ({data_len} bytes): truncated file")
+        return dtype, tuple(shape), begin, end
+
+    def _check_overlap(self) -> None:
+        """Two tensors sharing bytes is not a valid file (a write to one would change the other)."""
+        spans = sorted((b, e, n) for n, (_, _, b, e) in self.entries.items() if e > b)
+        for (_, end, prev), (begin, _, name) in zip(spans, spans[1:]):
+            if begin < end:
+                raise JmergeError(f"{self.path}: tensors {prev!r} and {name!r} overlap in the file "
+                                  f"(byte {begin} < {end}); corrupt header")
 
     def _map(self) -> np.memmap:
         if self._mm is None:
@@ -104,6 +124,10 @@ class SafetensorsFile:
         return buf.view(dtype).reshape(shape)
 
 
+def _int_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+
 class Checkpoint:
     """Tensors of a Hugging Face model directory (single file or sharded with an index)."""
 
@@ -122,16 +146,19 @@ class Checkpoint:
 
     def _files(self) -> list[Path]:
         r = self.root
-        if r.is_file():
+        if not r.is_dir():
             if r.suffix in PICKLE_SUFFIXES:
                 raise JmergeError(pickle_message(r))
-            return [r]
-        index = r / "model.safetensors.index.json"
+            return [regular_file(r, "safetensors file")]
+        index = r / INDEX
         if index.exists():
-            try:
-                wmap = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise JmergeError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            obj = read_json(index, "safetensors index")
+            wmap = obj.get("weight_map")
+            if not isinstance(wmap, dict) or not wmap:
+                raise JmergeError(f"{index}: weight_map must be a non-empty object tensor name -> shard file, "
+                                  f"got {json.dumps(wmap)[:60]}")
+            for name, fname in wmap.items():
+                inside(r, fname, f"shard of tensor {name!r}")
             names = sorted(set(wmap.values()))
             missing = [n for n in names if not (r / n).exists()]
             if missing:

@@ -22,9 +22,14 @@ float32(model) - float32(base): the difference is then recomputed inside every p
 than stored. On XLA:CPU that is cheaper, because a fresh 4-byte-per-entry buffer costs a page
 fault per 4 KiB, more than the arithmetic.
 
-Rounding: a density becomes k = round(density * n) (half up, in float32). mergekit truncates
-(`int(density * n)`), so jmerge may keep one entry more; float32 cannot reproduce Python's
-double product anyway.
+Rounding. A density known on the host (a Python number: every density of a merge YAML, which
+the engine hands in as counts through a method's `host_params`) keeps exactly mergekit 0.1.5's
+count, computed from Python's double product: `magnitude` keeps max(1, int(density * n)),
+`magnitude_outliers` int(density * n) after dropping int(gamma * n). A traced density (the
+search's, a jit argument learnt per layer) becomes k = round(density * n), half up, in float32:
+float32 cannot reproduce the double product anyway (0.33f * 20 is not 0.33 * 20), and rounding
+to the nearest count, with no floor of one entry, keeps k unbiased and continuous in the
+density, which the search moves in small steps.
 """
 
 from __future__ import annotations
@@ -305,8 +310,30 @@ def _keep(tv: TaskVector, t: jax.Array, cut: jax.Array) -> jax.Array:
     return (u > t) | ((u == t) & (_flat_index(u.shape) < cut))
 
 
+def known(x) -> bool:
+    """Whether x is a number on the host (not a traced or device value)."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def mergekit_k(density: float, n: int) -> int:
+    """mergekit 0.1.5's `magnitude` count: max(1, int(density * n)) in double precision; n when
+    density >= 1, 0 when density <= 0 or the tensor is empty."""
+    if density >= 1:
+        return n
+    if density <= 0 or n == 0:
+        return 0
+    return min(max(1, int(density * n)), n)
+
+
+def mergekit_count(frac: float, n: int) -> int:
+    """int(frac * n) in double precision, clipped to [0, n]: mergekit 0.1.5's `magnitude_outliers`
+    counts (kept and dropped outliers alike; no floor of one entry)."""
+    return min(max(int(frac * n), 0), n)
+
+
 def density_to_k(density, n: int) -> jax.Array:
-    """Number of entries a density keeps out of n: round(density * n), clipped to [0, n]."""
+    """Number of entries a traced density keeps out of n: round(density * n) in float32, clipped
+    to [0, n] (see the module's Rounding)."""
     k = jnp.floor(jnp.asarray(density, jnp.float32) * jnp.float32(n) + 0.5)
     return jnp.clip(k, 0, n).astype(jnp.int32)
 
@@ -338,8 +365,10 @@ def topk_mask_k(x: TaskVector, k) -> jax.Array:
 
 
 def topk_mask(x: TaskVector, density) -> jax.Array:
-    """Mask keeping exactly round(density * x.size) entries of largest magnitude."""
-    return _topk_mask_k(x, density_to_k(density, int(np.prod(_shape(x)))))
+    """Mask keeping the density's count of entries of largest magnitude: mergekit's
+    max(1, int(density * n)) for a known density, round(density * n) for a traced one."""
+    n = int(np.prod(_shape(x)))
+    return _topk_mask_k(x, mergekit_k(density, n) if known(density) else density_to_k(density, n))
 
 
 # ---- global scope (TIES paper: one threshold over every tensor of a task vector) -------------
@@ -430,16 +459,23 @@ def rescale_masked(tv, keep, rescale) -> jax.Array:
 
 
 def magnitude(tv: TaskVector, density, rescale=False) -> jax.Array:
-    """Keep the round(density * n) largest-|tv| entries (TIES trim, per tensor)."""
+    """Keep the density's count of largest-|tv| entries (TIES trim, per tensor): mergekit's for
+    a known density, see the module's Rounding."""
     return magnitudes([tv], [density], rescale)[0]
 
 
-def magnitudes(tvs: Sequence[TaskVector], densities: Sequence, rescale=False) -> list[jax.Array]:
-    """`magnitude` of several same-shaped task vectors, their searches' first passes shared."""
+def magnitudes(tvs: Sequence[TaskVector], densities: Sequence, rescale=False,
+               ks: Sequence | None = None) -> list[jax.Array]:
+    """`magnitude` of several same-shaped task vectors, their searches' first passes shared.
+
+    ks: the counts kept, when the host computed them (mergekit_k of the planned densities);
+    densities still decide whether a task vector is kept whole (density >= 1)."""
     n = int(np.prod(_shape(tvs[0])))
     if n == 0:
         return [value(tv) for tv in tvs]
-    cuts = _topk_cuts(tvs, [density_to_k(d, n) for d in densities])
+    if ks is None:
+        ks = [mergekit_k(d, n) if known(d) else density_to_k(d, n) for d in densities]
+    cuts = _topk_cuts(tvs, list(ks))
     return [jnp.where(jnp.asarray(d) >= 1, value(tv),
                       rescale_masked(lambda tv=tv: value(tv), lambda tv=tv, tc=tc: _keep(tv, *tc), rescale))
             for tv, d, tc in zip(tvs, densities, cuts)]
@@ -453,15 +489,19 @@ def bernoulli(tv: jax.Array, density, key: jax.Array, rescale=True) -> jax.Array
     return jnp.where(jnp.asarray(density) >= 1, tv, out)
 
 
-def magnitude_outliers(tv: jax.Array, density, gamma, rescale=False) -> jax.Array:
+def magnitude_outliers(tv: jax.Array, density, gamma, rescale=False, counts=None) -> jax.Array:
     """Model Breadcrumbs: drop the top `gamma` fraction by |tv|, keep the next `density` fraction.
 
     If gamma + density > 1 fewer outliers are dropped so that the density is still met.
-    (mergekit keeps nothing when round(gamma * n) == 0, a slicing bug; here all top entries stay.)
+    counts: (kept, dropped) when the host computed them (mergekit_count of the planned density
+    and gamma); else mergekit's counts for known values, round(x * n) for traced ones.
     """
     n = int(np.prod(jnp.shape(tv)))
-    n_keep = density_to_k(density, n)
-    n_top = jnp.minimum(density_to_k(gamma, n), n - n_keep)
+    if counts is None:
+        counts = [mergekit_count(x, n) if known(density) and known(gamma) else density_to_k(x, n)
+                  for x in (density, gamma)]
+    n_keep, n_drop = counts
+    n_top = jnp.minimum(n_drop, n - n_keep)
     keep = topk_mask_k(tv, n_top + n_keep) & ~topk_mask_k(tv, n_top)
     out = rescale_masked(tv, keep, rescale)
     return jnp.where(jnp.asarray(density) >= 1, tv, out)

@@ -1,7 +1,7 @@
 """Model Breadcrumbs (2312.06795) followed by TIES sign consensus."""
 
 from jmerge.merge._consensus import gta_merge, gta_params
-from jmerge.merge.breadcrumbs import crumbs
+from jmerge.merge.breadcrumbs import crumb_counts, crumbs
 from jmerge.merge.registry import register
 
 PARAMS = gta_params(normalize=False, rescale=False, gamma=0.01)
@@ -13,3 +13,6 @@ def breadcrumbs_ties(base, models, *, key=None, **params):
     their weights if `normalize`), scaled by lambda."""
     return gta_merge("breadcrumbs_ties", base, models, params, PARAMS, sparsify=crumbs,
                      consensus=True)
+
+
+breadcrumbs_ties.host_params = crumb_counts

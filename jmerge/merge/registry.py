@@ -40,6 +40,20 @@ class Method:
 
 METHODS: dict[str, Method] = {}
 
+# Every parameter name of a mergekit 0.1.5 method (the specs of its registry). mergekit resolves
+# only the parameters of the chosen method and ignores other names, so a config may set one of
+# these on a method that does not take it (`density` on `linear`); jmerge then warns.
+MERGEKIT_PARAMS = frozenset({
+    "alpha", "density", "eps", "epsilon", "filter_wise", "gamma", "int8_mask", "lambda", "max_iter",
+    "normalize", "normalize_weights", "nuslerp_flatten", "nuslerp_row_wise", "r", "rescale", "scale",
+    "select_topk", "t", "tol", "weight"})
+
+
+def known_params() -> frozenset:
+    """Parameter names some merge method takes: mergekit's and those of jmerge's own methods."""
+    from jmerge import merge  # noqa: F401  (importing the package registers every method)
+    return MERGEKIT_PARAMS.union(*(set(m.model_params) | set(m.global_params) for m in METHODS.values()))
+
 
 def register(name: str, *, model_params=None, global_params=None, base="required", random=False,
              min_models=1, max_models=None, elementwise=False):

@@ -9,12 +9,16 @@ from jmerge.merge.registry import register
 
 
 def select_mask(tvs, select_topk):
-    """Positions whose variance across models is among the top `select_topk` fraction of the
-    positions with nonzero variance (exactly k, ties by index); all positions if >= 1."""
+    """Positions whose variance across models is among the top k of the positions with nonzero
+    variance (exactly k, ties by index); all positions if select_topk >= 1.
+
+    k = int(nonzero * select_topk) as mergekit 0.1.5 computes it: the count is a torch tensor
+    there, so the product is float32 and truncated (0 keeps nothing). Being float32, the same
+    rule is exact here for traced and planned values alike."""
     mean = sum(tvs) / len(tvs)
     var = sum(jnp.square(t - mean) for t in tvs) / len(tvs)
     nonzero = jnp.sum(var != 0, dtype=jnp.int32)
-    k = jnp.floor(jnp.asarray(select_topk, jnp.float32) * nonzero.astype(jnp.float32) + 0.5)
+    k = jnp.floor(nonzero.astype(jnp.float32) * jnp.asarray(select_topk, jnp.float32))
     k = jnp.clip(k, 0, nonzero).astype(jnp.int32)
     return (jnp.asarray(select_topk) >= 1) | topk_mask_k(var, k)
 

@@ -14,12 +14,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="override the config's output directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    from jmerge.io.atomic import check_workspace
     from jmerge.search import config as C
-    from jmerge.search.run import run as run_search
+    from jmerge.search.run import run as run_search, search_inputs
     cfg = C.load(a.config)
     if a.out:
         from pathlib import Path
         cfg.out = Path(a.out)
+    # before the models load
+    check_workspace(cfg.out, [a.config, *search_inputs(cfg)], data_dirs=[cfg.eval.get("data")])
     report = run_search(cfg, progress=not a.quiet)
     from jmerge.eval.report import markdown
     print(markdown(report))

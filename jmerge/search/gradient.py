@@ -184,7 +184,8 @@ class GradientSearch:
         self.mesh = _mesh(base)
         self.tvs = task_vectors(base, experts)
         self.theta = place_theta(theta0, self.mesh)
-        self.opt_state = _optimizer(spec).init(self.theta)
+        # on the mesh like theta (optax's step count is made uncommitted): else step 2 recompiles
+        self.opt_state = place_theta(_optimizer(spec).init(self.theta), self.mesh)
         self.step = 0
 
     def _state(self):

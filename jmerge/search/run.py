@@ -47,6 +47,10 @@ class Job:
         from jmerge.generate import load_tokenizer
         from jmerge.io import load_model
         self.c, self.progress = cfg, progress
+        # Every data file read (and checked) before any model is loaded: a bad row fails fast.
+        rows = {name: _select(read_preferences(spec.path) if name in cfg.preference_data
+                              else data.read_pairs(spec.path), spec, name)
+                for name, spec in cfg.data.items()}
         self.mesh = sharding.make_mesh(cfg.mesh)
         dtype = jnp.dtype(cfg.dtype)
         _log(f"loading base {cfg.base} and {len(cfg.experts)} experts")
@@ -62,10 +66,6 @@ class Job:
             self.experts[name] = m.params
         self.tokenizer = load_tokenizer(cfg.base)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # Every file read (and checked) before any is encoded: a bad row fails fast and alone.
-        rows = {name: _select(read_preferences(spec.path) if name in cfg.preference_data
-                              else data.read_pairs(spec.path), spec, name)
-                for name, spec in cfg.data.items()}
         self.typed, self.preferences = {}, {}  # CE pairs; (prompt, chosen, rejected) triples
         for name, spec in cfg.data.items():
             if name in cfg.preference_data:
@@ -247,6 +247,7 @@ def _opening(exs: list[data.Example], n: int) -> list[data.Example]:
 def run(cfg: SearchConfig, progress: bool = True) -> dict:
     """Everything the config asks for; returns the report dict."""
     t0 = time.perf_counter()
+    sets = eval_sets(cfg.eval)  # a bad prompt file fails before the models load, not after the searches
     job = Job(cfg, progress)
     for name in ("coefficients", "masks", "evolve", "cocktail"):
         if name in cfg.searches:
@@ -257,19 +258,17 @@ def run(cfg: SearchConfig, progress: bool = True) -> dict:
     models += [(n, r["params"], r["info"]) for n, r in job.results.items()]
     if "sweep" in cfg.searches:
         models += job.sweep_points(cfg.searches["sweep"])
-    report = evaluate(job, models)
+    report = evaluate(job, models, sets)
     report["settings"]["seconds"] = time.perf_counter() - t0
     write_outputs(job, report)
     return report
 
 
-def evaluate(job: Job, models: list[tuple[str, dict, dict]]) -> dict:
-    """Every model through the eval suites with one Runtime: compiled once, params swapped."""
+def eval_sets(ev: dict) -> tuple[dict, str | None, list]:
+    """(prompt sets by suite, where the over-refusal prompts came from, domain tasks) of the
+    config's eval section, read and cut to its limit."""
     from jmerge.eval import prompts as P
     from jmerge.eval import suites as S
-    ev = job.c.eval
-    rt = S.Runtime(job.model_cfg, job.base, job.tokenizer, mesh=job.mesh, max_new_tokens=ev["max_new_tokens"],
-                   batch_size=ev["batch_size"], progress=False)
     limit = ev["limit"]
     sets = {}
     if "safety" in ev["suites"]:
@@ -291,6 +290,17 @@ def evaluate(job: Job, models: list[tuple[str, dict, dict]]) -> dict:
             raise JmergeError("eval.domain: the domain suite needs a JSONL file of held-out items")
         task = S.load_domain(ev["domain"], ev["data"])
         tasks = [dataclasses.replace(task, items=task.items[:limit])]
+    return sets, over_source, tasks
+
+
+def evaluate(job: Job, models: list[tuple[str, dict, dict]], prepared: tuple | None = None) -> dict:
+    """Every model through the eval suites with one Runtime: compiled once, params swapped.
+    `prepared`: what `eval_sets` returned for the job's config (read again when None)."""
+    from jmerge.eval import suites as S
+    ev = job.c.eval
+    sets, over_source, tasks = prepared or eval_sets(ev)
+    rt = S.Runtime(job.model_cfg, job.base, job.tokenizer, mesh=job.mesh, max_new_tokens=ev["max_new_tokens"],
+                   batch_size=ev["batch_size"], progress=False)
     from tqdm.auto import tqdm
     entries = []
     for name, params, info in tqdm(models, desc="evaluate", unit="model", disable=not job.progress):
@@ -323,11 +333,18 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.split(":", 1)[-1])
 
 
+def search_inputs(cfg: SearchConfig) -> list:
+    """Every path a search reads but its eval data directory: its output directory must not be,
+    hold or lie inside any."""
+    ev = [cfg.eval.get(k) for k in ("harmful", "domain", "benign")]
+    return [cfg.source, cfg.base, *cfg.experts.values(), *(d.path for d in cfg.data.values()), *ev]
+
+
 def write_outputs(job: Job, report: dict) -> None:
     from jmerge.eval.report import write_report
     from jmerge.io import hf
-    from jmerge.io.atomic import atomic_dir
-    out = job.out
+    from jmerge.io.atomic import atomic_dir, check_workspace
+    out = check_workspace(job.out, search_inputs(job.c), data_dirs=[job.c.eval.get("data")])
     lead = jax.process_index() == 0  # every process joins the gathers of save_hf; one writes files
     (out / "models").mkdir(parents=True, exist_ok=True)
     (out / "params").mkdir(parents=True, exist_ok=True)
@@ -338,7 +355,8 @@ def write_outputs(job: Job, report: dict) -> None:
             (out / "params" / f"{_slug(name)}.json").write_text(json.dumps(r["info"], indent=1, default=float))
     if not lead:
         return
-    with atomic_dir(out / "report", force=True) as tmp:
+    with atomic_dir(out / "report", force=True, inputs=search_inputs(job.c),
+                    data_dirs=[job.c.eval.get("data")]) as tmp:
         write_report(report, tmp)
         _loss_curves(job.logs, tmp / "loss_curves.png")
 
