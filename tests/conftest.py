@@ -16,6 +16,22 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
+
+
+def data_dir() -> Path:
+    """Where the dev datasets (AdvBench, XSTest, PubMedQA) are looked for: `$JMERGE_DATA`, else
+    `../shared/data` beside the checkout. Tests of a dataset that is not there skip."""
+    env = os.environ.get("JMERGE_DATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+def needs_data(rel: str):
+    """skipif marker for a test that reads `data_dir() / rel`."""
+    return pytest.mark.skipif(not (data_dir() / rel).exists(),
+                              reason=f"{rel} not in {data_dir()} (set $JMERGE_DATA)")
+
+
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 

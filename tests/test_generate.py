@@ -100,9 +100,9 @@ def test_greedy_matches_transformers(family, tiny_model_dir, torch_model, llama_
 
 @pytest.mark.slow
 def test_greedy_matches_transformers_smollm2():
-    """≥16 real prompts × 64 new tokens on SmolLM2-135M-Instruct. A divergence is accepted only
-    when the logit margin (top-1 minus top-2) at the first differing step is below 1e-3, a tie
-    that float summation order decides."""
+    """16 real prompts x 64 new tokens on SmolLM2-135M-Instruct: the same tokens as transformers'
+    generate, exactly (measured: 16/16 rows identical on the CPU). A failure reports the top-2
+    logit margin at the first differing step, to tell a float near-tie from a bug."""
     d = smollm2_dir()
     if d is None:
         pytest.skip("SmolLM2 not converted in the cache (jmerge default-model)")
@@ -127,14 +127,11 @@ def test_greedy_matches_transformers_smollm2():
     problems = []
     for row, (a, b) in enumerate(zip(ours, theirs)):
         div = first_divergence([a], [b])
-        if div is None:
-            continue
-        n = div[1]
-        mg = margin_at(m.params, m.cfg, prompts[row], a[:n])
-        problems.append((row, n, mg))
-    bad = [p for p in problems if p[2] >= 1e-3]
-    assert not bad, "greedy tokens differ from transformers beyond float ties (margin >= 1e-3): " + \
-        "; ".join(f"row {r} step {n} margin {mg:.2e}" for r, n, mg in bad)
+        if div is not None:
+            problems.append((row, div[1], margin_at(m.params, m.cfg, prompts[row], a[:div[1]])))
+    assert not problems, "greedy tokens differ from transformers: " + \
+        "; ".join(f"row {r} step {n} (top-1 minus top-2 logit {mg:.2e})" for r, n, mg in problems)
+    assert sum(map(len, ours)) > 16 * 8  # real answers, not immediate EOS
 
 
 # ---------------------------------------------------------------------------------------------

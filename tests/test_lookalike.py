@@ -6,12 +6,11 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
+from conftest import data_dir, needs_data
 from jmerge import data
 
 ROOT = Path(__file__).resolve().parents[1] / "configs" / "data"
-XSTEST = Path("/work/shared/data/xstest/xstest_prompts.csv")
+XSTEST = "xstest/xstest_prompts.csv"
 
 
 def words(text: str) -> set[str]:
@@ -26,10 +25,10 @@ def test_rows_are_the_prompt_list_with_answers():
     assert all(r["source"] == "lookalike:base" for r in rows)
 
 
-@pytest.mark.skipif(not XSTEST.is_file(), reason="XSTest is dev data, not shipped")
+@needs_data(XSTEST)  # XSTest is dev data, not shipped
 def test_disjoint_from_xstest():
     import csv
-    xs = [r["prompt"] for r in csv.DictReader(XSTEST.read_text().splitlines())]
+    xs = [r["prompt"] for r in csv.DictReader((data_dir() / XSTEST).read_text().splitlines())]
     rows = [json.loads(line) for line in (ROOT / "lookalike_base.jsonl").read_text().splitlines()]
     for r in rows:
         mine = words(r["prompt"])

@@ -2,10 +2,17 @@
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
 from jmerge.search.__main__ import main
+
+
+def tensors(d) -> dict[str, np.ndarray]:
+    from jmerge.io.safetensors_io import Checkpoint
+    ck = Checkpoint(d)
+    return {n: np.asarray(ck.array(n), np.float64) for n in ck.names()}
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +69,49 @@ def test_end_to_end(setup, capsys):
         assert m["suites"]["safety"]["n"] == 4
     for f in ("report.md", "safety_vs_domain.png", "loss_curves.png"):
         assert (out / "report" / f).stat().st_size > 0
-    coef = json.loads((out / "params" / "coefficients.json").read_text())
-    assert len(coef["layers"]) == 3 and len(coef["layers"][0]) == 2
-    assert (out / "params" / "masks.safetensors").exists()
-    from jmerge.io import load_model
-    m = load_model(out / "models" / "coefficients")
-    assert m.cfg.num_layers == 3
     assert "| base |" in capsys.readouterr().out
+    # The written merges are their formulas on the input files, with the learnt values the run
+    # reports, in float64 numpy: the float32 run agrees to 1.2e-7 (weights up to ~1.5), so 1e-6
+    # leaves an 8x margin and fails any λ, mask or weight off by more than ~1e-6.
+    base = tensors(cfg["base"])
+    expert = {k: tensors(v) for k, v in cfg["experts"].items()}
+    coef = json.loads((out / "params" / "coefficients.json").read_text())
+    assert sorted(coef["experts"]) == ["domain", "safety"] and len(coef["layers"]) == 3
+    experts = [expert[k] for k in coef["experts"]]  # the order of the λ
+    assert np.abs(np.asarray(coef["layers"]) - 0.5).max() > 1e-3  # the search moved them
+    got = tensors(out / "models" / "coefficients")
+    assert set(got) == set(base)
+    for n, b in base.items():  # λ per (layer, expert, module) for layer tensors, `rest` for others
+        if n.startswith("model.layers."):
+            i, module = int(n.split(".")[2]), n.split(".")[-2]
+            lam = [coef["layers"][i][k][coef["modules"].index(module)] for k in range(2)]
+        else:
+            lam = coef["rest"]
+        want = b + sum(w * (e[n] - b) for w, e in zip(lam, experts))
+        np.testing.assert_allclose(got[n], want, rtol=0, atol=1e-6, err_msg=n)
+    # masks, export threshold: θ_safety + λ (τ_domain ⊙ m) / mean(m), m = [keep probability > 0.5]
+    probs = tensors(out / "params" / "masks.safetensors")
+    got = tensors(out / "models" / "masks")
+    assert set(probs) == set(got) == set(base)
+    assert 0 < np.mean([np.mean(p > 0.5) for p in probs.values()]) < 1
+    for n, safe in ((n, expert["safety"][n]) for n in base):
+        m = np.broadcast_to(probs[n] > 0.5, safe.shape).astype(np.float64)
+        want = safe + (expert["domain"][n] - safe) * m / m.mean() if m.any() else safe
+        np.testing.assert_allclose(got[n], want, rtol=0, atol=1e-6, err_msg=n)
+    # cocktail: Σ w_m θ_m, w = softmax(−L / T) of the losses it reports (T = 1)
+    info = json.loads((out / "params" / "cocktail.json").read_text())
+    losses = np.asarray(info["losses"])
+    np.testing.assert_allclose(info["weights"], np.exp(-losses) / np.exp(-losses).sum(), rtol=1e-6)
+    got = tensors(out / "models" / "cocktail")
+    for n in base:
+        want = sum(w * expert[k][n] for w, k in zip(info["weights"], info["experts"]))
+        np.testing.assert_allclose(got[n], want, rtol=0, atol=1e-6, err_msg=n)
 
 
 @pytest.mark.parametrize("edit,needle", [
     (lambda c: c.update(serches={}), "did you mean 'searches'"),
     (lambda c: c["data"]["safety"].update(weight=0) or c["data"]["domain"].update(weight=0), "sum to 0"),
-    (lambda c: c["searches"].update(coefficients={"steps": 0}), "must be positive"),
+    (lambda c: c["searches"].update(coefficients={"steps": 0}), "coefficients.steps: expected a positive whole number"),
     (lambda c: c["searches"].update(annealing={}), "unknown key 'annealing'"),
     (lambda c: c["experts"].update(safety="/nonexistent/model"), "no such file"),
     (lambda c: c["searches"]["masks"].update(objective="dpx"), "masks.objective: expected ce or dpo"),

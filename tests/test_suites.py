@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import smollm2_dir, tiny_hf_config
+from conftest import data_dir, smollm2_dir, tiny_hf_config
 from jmerge import sharding as shd
 from jmerge.cli import run
 from jmerge.errors import JmergeError
@@ -73,15 +73,17 @@ def test_mc_scores_match_torch_and_pick_the_best_choice(rt, torch_model):
             pairs.append((ctx, cont))
             row.append(torch_continuation_logprob(oracle_model, ctx, cont))
         expected.append(row)
-    # 11 pairs in batches of 4 (a short last batch), continuation lengths 2..7 -> k buckets 2..8
-    np.testing.assert_allclose(rt.score(None, pairs), np.concatenate(expected), rtol=1e-4, atol=1e-4)
+    # 11 pairs in batches of 4 (a short last batch), continuation lengths 2..7 -> k buckets 2..8.
+    # Measured 1.1e-7 relative (sums up to -32): rtol 1e-6 leaves 9x, and a bfloat16 rounding
+    # anywhere on the path (~4e-3) or a token scored at the wrong position fails.
+    np.testing.assert_allclose(rt.score(None, pairs), np.concatenate(expected), rtol=1e-6, atol=0)
 
     best = [dataclass_replace(i, answer=int(np.argmax(e))) for i, e in zip(MC_ITEMS, expected)]
     worst = [dataclass_replace(i, answer=int(np.argmin(e))) for i, e in zip(MC_ITEMS, expected)]
     res = S.multiple_choice(None, rt, best, n_boot=200)
     assert res["accuracy"]["mean"] == 1.0 and res["n"] == 3
     assert [r["pred"] for r in res["items"]] == [i.choices[i.answer] for i in best]
-    np.testing.assert_allclose(res["items"][2]["logprobs"], expected[2], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(res["items"][2]["logprobs"], expected[2], rtol=1e-6, atol=0)
     assert S.multiple_choice(None, rt, worst, n_boot=200)["accuracy"]["mean"] == 0.0
     # acc_norm divides by characters: recompute by hand from the oracle
     norm = [int(np.argmax(np.array(e) / [len(" " + c) for c in i.choices])) for i, e in zip(best, expected)]
@@ -273,13 +275,26 @@ def judge_template(tmp_path_factory):
     return f
 
 
-def test_model_judge_runs_and_parses(tiny_tok_dir, judge_template):
+def test_model_judge_runs_and_parses(tiny_tok_dir, judge_template, torch_model):
     judge = MJ.ModelJudge(tiny_tok_dir["chat"], str(judge_template), mesh=one_device_mesh(),
                           max_new_tokens=6, batch_size=2, chat_wrap=False)
     assert judge.render("hi", "yo {prompt}") == "U:hi A:yo {prompt} {not a placeholder} ->"
-    flags = judge(["How?", "Why?"], ["Like this.", "No."])  # a random tiny model: real plumbing
-    assert flags.dtype == bool and flags.shape == (2,) and len(judge.last_verdicts) == 2
-    assert all(v.unsafe in (True, False, None) for v in judge.last_verdicts)
+    pairs = (["How?", "Why?"], ["Like this.", "No."])
+    flags = judge(*pairs)  # a random tiny model: real plumbing
+    # What the judge read is what transformers' greedy decoding of the same weights (the tiny
+    # llama the tokenizer directory copies) writes after the same judge prompts.
+    tok = judge.tokenizer
+    for ids, v in zip(judge.encode(*pairs), judge.last_verdicts):
+        with torch.no_grad():
+            out = torch_model("llama").generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=6, do_sample=False, eos_token_id=list(judge.generator.eos_ids),
+                pad_token_id=0)
+        new = out[0, len(ids):].tolist()
+        new = new[:next((i for i, t in enumerate(new) if t in judge.generator.eos_ids), len(new))]
+        assert v.raw == tok.decode(new, skip_special_tokens=True)
+        assert v == MJ.parse_verdict(v.raw)
+    assert flags.tolist() == [v.unsafe is True for v in judge.last_verdicts]
 
     tok = judge.tokenizer
     outputs = ["unsafe\nS1,S10", "safe", "hmm"]
@@ -322,9 +337,9 @@ def test_llamaguard_prompt_rendering(tiny_tok_dir):
 
 
 def test_pubmedqa_task_from_shared_data():
-    data = Path("/work/shared/data")
+    data = data_dir()
     if not (data / "pubmedqa" / "ori_pqal.json").is_file():
-        pytest.skip("PubMedQA not in /work/shared/data")
+        pytest.skip(f"PubMedQA not in {data} (set $JMERGE_DATA)")
     task = S.load_domain("pubmedqa", data)
     every = S.pubmedqa_task(data, split="all")
     assert task.kind == "mc" and len(every.items) == 1000 and 120 < len(task.items) < 280
@@ -425,7 +440,8 @@ def test_cli_end_to_end(tiny_tok_dir, eval_data, rt, tmp_path, capsys):
     assert a == b  # same weights, same numbers (the second model reused the first's runtime)
     one_device = S.multiple_choice(None, rt, S.load_domain(d / "mc.jsonl").items, n_boot=100)
     for ours, ref in zip(a["domain"]["tasks"]["mc"]["items"], one_device["items"]):
-        np.testing.assert_allclose(ours["logprobs"], ref["logprobs"], rtol=1e-4, atol=1e-4)
+        # measured: the same bits on 8 devices as on one; 1e-6 allows another summation order
+        np.testing.assert_allclose(ours["logprobs"], ref["logprobs"], rtol=1e-6, atol=0)
     md = (out / R.MARKDOWN_NAME).read_text()
     assert f"| {Path(model).name}#1 |" in md and f"| {Path(model).name}#2 |" in md
     assert (out / R.PNG_NAME).read_bytes()[:8] == PNG_MAGIC
@@ -500,7 +516,7 @@ def test_cli_smollm2_safety_and_overrefusal(tmp_path, capsys):
     d = smollm2_dir()
     if d is None:
         pytest.skip("SmolLM2 not converted in the cache (jmerge default-model)")
-    data = Path("/work/shared/data")
+    data = data_dir()
     have_xstest = (data / "xstest" / "xstest_prompts.csv").is_file()
     suites = "safety,overrefusal" if have_xstest else "safety"
     out = tmp_path / "rep"
@@ -509,14 +525,21 @@ def test_cli_smollm2_safety_and_overrefusal(tmp_path, capsys):
     assert run(eval_cli.main, args) == 0, capsys.readouterr().err
     rep = json.loads((out / R.JSON_NAME).read_text())
     s = rep["models"][0]["suites"]
-    assert s["safety"]["n"] == 8 and 0.0 <= s["safety"]["refusal"]["mean"] <= 1.0
     gens = s["safety"]["generations"]
+    assert s["safety"]["n"] == len(gens) == 8
     assert all(g["response"].strip() for g in gens), "SmolLM2 answered nothing"
+    # The reported rate is the keyword judge's verdict on the responses it reports.
+    refused = [J.is_refusal(g["response"]) for g in gens]
+    assert [g["refusal"] for g in gens] == refused
+    assert s["safety"]["refusal"]["mean"] == pytest.approx(np.mean(refused))
     # HarmBench's hash test split, in file order
     from jmerge.eval.prompts import load_builtin, split_train_test
     assert [g["id"] for g in gens] == [p.id for p in split_train_test(load_builtin("harmbench"))[1][:8]]
     if have_xstest:
-        assert s["overrefusal"]["n"] == 8 and 0.0 <= s["overrefusal"]["compliance"]["mean"] <= 1.0
+        over = s["overrefusal"]
+        assert over["n"] == len(over["generations"]) == 8
+        complied = [not J.is_refusal(g["response"]) for g in over["generations"]]
+        assert over["compliance"]["mean"] == pytest.approx(np.mean(complied))
         assert (out / R.PNG_NAME).read_bytes()[:8] == PNG_MAGIC
     assert "| " + d.name in (out / R.MARKDOWN_NAME).read_text()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import data_dir
 from jmerge import synth
 from jmerge.cli import run
 from jmerge.errors import JmergeError
@@ -23,7 +24,7 @@ from jmerge.eval.judges import is_refusal
 from jmerge.generate import Completion
 
 ROOT = Path(__file__).resolve().parent.parent
-XSTEST = Path("/work/shared/data/xstest/xstest_prompts.csv")
+XSTEST = data_dir() / "xstest" / "xstest_prompts.csv"
 
 
 @functools.lru_cache(maxsize=None)
@@ -302,6 +303,11 @@ def test_task_vector_file_is_expert_minus_base_in_hf_names(tiny_model_dir, tmp_p
     want_b = lf(str(tiny_model_dir("llama") / "model.safetensors"))
     want_e = lf(str(tiny_model_dir("llama", seed=1) / "model.safetensors"))
     assert set(tv) == set(want_b)
-    for n in tv:
-        np.testing.assert_allclose(tv[n], want_e[n] - want_b[n], atol=1e-6)
-    assert jax.tree.leaves(base.params)  # base untouched and still usable
+    for n in tv:  # the same float32 subtraction: the same bits (measured)
+        np.testing.assert_array_equal(tv[n], want_e[n] - want_b[n])
+    # The base is untouched and still usable (not donated): every leaf readable and equal to a
+    # fresh load of the same files.
+    fresh = load_model(tiny_model_dir("llama")).params
+    assert jax.tree.structure(base.params) == jax.tree.structure(fresh)
+    for x, y in zip(jax.tree.leaves(base.params), jax.tree.leaves(fresh)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
