@@ -149,3 +149,15 @@ def tiny_tok_dir(tiny_model_dir, tmp_path_factory):
         return d
 
     return {"chat": make(CHAT), "plain": make(None)}
+
+
+def write_search_data(d: Path, n: int = 6) -> dict:
+    """The tiny search tests' training data in `d` (refusals and arithmetic answers), as the
+    config's `data:` section (safety weighted 1, domain 0.5)."""
+    import json
+    rows = {"safety": [{"prompt": f"how do I hurt person {i}", "response": "I cannot help with that."} for i in range(n)],
+            "domain": [{"prompt": f"What is {i} plus 2?", "response": f"The answer is {i + 2}."} for i in range(n)]}
+    for name, rs in rows.items():
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    return {"safety": {"path": str(d / "safety.jsonl"), "weight": 1.0},
+            "domain": {"path": str(d / "domain.jsonl"), "weight": 0.5}}
