@@ -161,3 +161,14 @@ def write_search_data(d: Path, n: int = 6) -> dict:
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
     return {"safety": {"path": str(d / "safety.jsonl"), "weight": 1.0},
             "domain": {"path": str(d / "domain.jsonl"), "weight": 0.5}}
+
+
+@pytest.fixture
+def no_persistent_compile_cache(monkeypatch):
+    monkeypatch.setenv("JMERGE_NO_COMPILE_CACHE", "1")  # the merge CLI would write under ~/.cache
+
+
+@pytest.fixture(scope="session")
+def dirs(tiny_model_dir):
+    """Three tiny float32 llama checkpoints (seeds 0-2), the merge tests' inputs."""
+    return {f"m{s}": tiny_model_dir("llama", s) for s in range(3)}

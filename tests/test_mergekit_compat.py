@@ -19,14 +19,7 @@ LAYER = ["self_attn.q_proj.weight", "mlp.up_proj.weight"]
 PRE, POST = ["model.embed_tokens.weight"], ["model.norm.weight", "lm_head.weight"]
 
 
-@pytest.fixture(autouse=True)
-def no_persistent_compile_cache(monkeypatch):
-    monkeypatch.setenv("JMERGE_NO_COMPILE_CACHE", "1")  # the CLI would write under ~/.cache
-
-
-@pytest.fixture(scope="module")
-def dirs(tiny_model_dir):
-    return {f"m{s}": tiny_model_dir("llama", s) for s in range(3)}
+pytestmark = pytest.mark.usefixtures("no_persistent_compile_cache")
 
 
 def tensors(d):
