@@ -106,8 +106,11 @@ FAST_EXIT = ("merge", "check")
 
 
 def leave(rc: int, fast: bool = False) -> None:
-    """Exit with rc; `fast` skips the interpreter's teardown (streams flushed first)."""
-    if fast:
+    """Exit with rc; `fast` skips the interpreter's teardown (streams flushed first). A failed
+    command always leaves fast: its one line is said and nothing is left to write, while library
+    threads torn down with the interpreter (tensorstore's event loop after a failed orbax read)
+    can print tracebacks of their own."""
+    if fast or rc != 0:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)

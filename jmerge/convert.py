@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
-from jmerge.cli import ArgumentParser, run
+from jmerge.cli import ArgumentParser, leave, run
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -57,4 +56,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    leave(run(main))

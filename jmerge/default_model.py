@@ -86,5 +86,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from jmerge.cli import run
-    sys.exit(run(main))
+    from jmerge.cli import leave, run
+    leave(run(main))

@@ -217,5 +217,5 @@ def _print_summary(entry: dict) -> None:
 
 
 if __name__ == "__main__":
-    from jmerge.cli import run
-    sys.exit(run(main))
+    from jmerge.cli import leave, run
+    leave(run(main))

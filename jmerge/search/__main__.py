@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 
-from jmerge.cli import ArgumentParser, run
+from jmerge.cli import ArgumentParser, leave, run
 
 
 def main(argv=None) -> int:
@@ -31,4 +30,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    leave(run(main))
