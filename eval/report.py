@@ -29,12 +29,19 @@ def headline(entry: dict) -> dict:
         if "unsafe" in s["safety"]:
             row["unsafe (judge) ↓"] = s["safety"]["unsafe"]
     if "overrefusal" in s:
-        row["XSTest compliance ↑"] = s["overrefusal"]["compliance"]
+        row[overrefusal_column(s["overrefusal"])] = s["overrefusal"]["compliance"]
     if "domain" in s:
         row["domain score ↑"] = s["domain"]["score"]
         for name, task in s["domain"]["tasks"].items():
             row[f"{name} acc ↑"] = task["accuracy"]
     return row
+
+
+def overrefusal_column(result: dict) -> str:
+    """Named for its prompt set: XSTest only when every safe prompt came from it (a run without
+    the XSTest files measures the built-in benign prompts, a different and easier set)."""
+    sources = result.get("sources", ["xstest"])
+    return "XSTest compliance ↑" if set(sources) == {"xstest"} else "safe-prompt compliance ↑"
 
 
 def safety_score(entry: dict) -> tuple[float, str] | None:
@@ -52,7 +59,7 @@ def x_score(entry: dict) -> tuple[float, str] | None:
     if "domain" in s:
         return s["domain"]["score"], "domain score (mean accuracy)"
     if "overrefusal" in s:
-        return s["overrefusal"]["compliance"]["mean"], "XSTest safe-prompt compliance"
+        return s["overrefusal"]["compliance"]["mean"], overrefusal_column(s["overrefusal"]).removesuffix(" ↑")
     return None
 
 
@@ -78,7 +85,9 @@ def markdown(report: dict) -> str:
     lines += _table(["model"] + columns, [[m["name"]] + [_cell(h.get(c)) for c in columns]
                                          for m, h in zip(models, heads)])
     for suite, key, what in (("safety", "refusal_by_category", "Safety refusal rate"),
-                             ("overrefusal", "compliance_by_category", "XSTest compliance")):
+                             ("overrefusal", "compliance_by_category",
+                              next((overrefusal_column(m["suites"]["overrefusal"]).removesuffix(" ↑")
+                                    for m in models if "overrefusal" in m["suites"]), ""))):
         cats = list(dict.fromkeys(c for m in models for c in m["suites"].get(suite, {}).get(key, {})))
         if len(cats) > 1:
             lines += ["", f"## {what} by category", ""]

@@ -242,7 +242,8 @@ def overrefusal(params, rt: Runtime, prompts: Sequence[Prompt], *, n_boot: int =
     recs = _generation_records(prompts, completions)
     for rec, flag in zip(recs, complied):
         rec["complied"] = bool(flag)
-    return dict(n=len(prompts), compliance=J.summarize(complied, n_boot, seed),
+    return dict(n=len(prompts), sources=sorted({p.source for p in prompts}),
+                compliance=J.summarize(complied, n_boot, seed),
                 compliance_by_category=J.by_category(complied, [p.category for p in prompts], n_boot, seed),
                 empty=int(sum(not r.strip() for r in responses)), generations=recs)
 

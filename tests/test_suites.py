@@ -558,3 +558,15 @@ def test_pooled_harmful_sources_are_test_splits_in_hash_order(monkeypatch):
     assert S.harmful_prompts("harmbench,donotanswer", limit=5) == pooled[:5]
     with pytest.raises(JmergeError, match="not a built-in harmful source"):
         S.harmful_prompts("harmbench,nosuch")
+
+
+def test_overrefusal_column_is_named_for_its_prompt_set():
+    """A run without the XSTest files measures the built-in benign prompts: its report must not
+    call that number XSTest compliance."""
+    from jmerge.eval import report
+    cell = {"mean": 1.0, "lo": 1.0, "hi": 1.0, "n": 2}
+    entry = lambda sources: {"name": "m", "suites": {"overrefusal": {"sources": sources, "compliance": cell}}}  # noqa: E731
+    assert list(report.headline(entry(["xstest"]))) == ["XSTest compliance ↑"]
+    assert list(report.headline(entry(["builtin"]))) == ["safe-prompt compliance ↑"]
+    assert list(report.headline(entry(["builtin", "xstest"]))) == ["safe-prompt compliance ↑"]
+    assert "XSTest" not in report.markdown({"models": [entry(["builtin"])]})
