@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from jmerge.config import ModelConfig, from_hf_dict, load_config
-from jmerge.errors import JmergeError, collect
+from jmerge.errors import JmergeError, collect, first_line
 from jmerge.io.files import read_bytes, read_text
 from jmerge.plan import MergePlan, Resolved, load_plan, resolve
 
@@ -66,7 +66,7 @@ def read_vocab(d: Path) -> dict[str, int] | None:
     except JmergeError:
         raise
     except Exception as e:  # tokenizers / transformers / sentencepiece errors share no base class
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise JmergeError(f"{d}: cannot read the tokenizer ({first})") from None
     return None
 

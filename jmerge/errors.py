@@ -13,3 +13,9 @@ def collect(problems: list[str], what: str) -> None:
         shown = "; ".join(problems[:8])
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise JmergeError(f"{what}: {shown}{more}")
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of another library's error message (its type's name if it has none), for
+    the one line that names the file it was reading."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

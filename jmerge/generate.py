@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jmerge import sharding as shd
 from jmerge.config import ModelConfig, load_config
-from jmerge.errors import JmergeError
+from jmerge.errors import JmergeError, first_line
 from jmerge.io.files import read_json, read_text
 from jmerge.models import llama
 
@@ -395,7 +395,7 @@ def load_tokenizer(model: str | Path, write_tokenizer=None, chat_template_file: 
     except JmergeError:
         raise
     except Exception as e:  # transformers, tokenizers, sentencepiece and jinja2 share no base class
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise JmergeError(f"{model}: cannot load the tokenizer ({type(e).__name__}: {first})") from None
     if chat_template_file is not None:
         f = Path(chat_template_file)

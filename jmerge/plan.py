@@ -23,10 +23,8 @@ import math
 import re
 from pathlib import Path
 
-import yaml
-
 from jmerge.errors import JmergeError, collect
-from jmerge.io.files import read_text
+from jmerge.io import files
 from jmerge.merge.registry import Method, get as get_method, known_params
 
 TOP_KEYS = ("models", "slices", "merge_method", "base_model", "dtype", "out_dtype",
@@ -366,15 +364,7 @@ def _dtype(value, key: str, problems: list[str]) -> str | None:
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    text = read_text(path, "merge config")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise JmergeError(f"{path}: YAML syntax error at {where}: {what}") from None
+    data = files.read_yaml(path, "merge config")
     if not isinstance(data, dict):
         raise JmergeError(f"{path}: expected a YAML mapping (merge_method, models, ...)")
     return data

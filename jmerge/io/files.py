@@ -75,6 +75,22 @@ def read_json(path: str | Path, what: str = "JSON file", kind: type | None = dic
     return loads_json(read_text(path, what), path, what, kind)
 
 
+def read_yaml(path: str | Path, what: str = "YAML file"):
+    """A YAML file's value (any kind: the caller checks it), read safely; a syntax error, a tag
+    safe_load refuses or nesting too deep for the parser is one line with its position."""
+    import yaml
+    text = read_text(path, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise JmergeError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise JmergeError(f"{path}: YAML nested too deeply") from None
+
+
 def _kind_name(kind: type) -> str:
     return {dict: "object", list: "array", str: "string", int: "integer", float: "number",
             bool: "boolean", type(None): "null"}.get(kind, kind.__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jmerge.errors import JmergeError
+from jmerge.errors import JmergeError, first_line
 
 # GGUF `general.architecture` -> HF architecture. Mistral files use "llama": llama.cpp runs them
 # as plain Llama (no sliding window), so LlamaForCausalLM computes what the file describes.
@@ -370,7 +370,7 @@ class GGUFModel:
             tok_config.setdefault("model_max_length", self.config["max_position_embeddings"])
             return PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config, **extra)
         except Exception as e:  # transformers and tokenizers raise many unrelated types here
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e)
             raise JmergeError(f"{self.path}: cannot build a tokenizer from the GGUF metadata ({first})") from None
 
     def save_tokenizer(self, out_dir: str | Path) -> None:

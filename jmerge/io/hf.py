@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from jmerge import sharding as shd
 from jmerge.config import ModelConfig, load_config
-from jmerge.errors import JmergeError, collect
+from jmerge.errors import JmergeError, collect, first_line
 from jmerge.io.atomic import atomic_dir
 from jmerge.io.files import loads_json, read_text, regular_file
 from jmerge.io.safetensors_io import Checkpoint, write_file
@@ -314,7 +314,7 @@ def _check_tokenizer_json(f: Path, text: str, obj: dict) -> None:
         try:
             Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises its own untyped exception for a bad layout
-            raise JmergeError(f"{f}: not a tokenizer the tokenizers library can read ({_first_line(e)})") from None
+            raise JmergeError(f"{f}: not a tokenizer the tokenizers library can read ({first_line(e)})") from None
     elif name in ("tokenizer_config.json", "chat_template.json"):
         template = obj.get("chat_template")
         named = template if isinstance(template, list) else [{"name": "default", "template": template}]
@@ -371,10 +371,6 @@ def _jinja_env():
     # The options transformers renders chat templates with (trim/lstrip blocks, loop controls).
     return jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, GenerationBlocks])
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _bar(total: int, enabled: bool, desc: str):

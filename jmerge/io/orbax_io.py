@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from jmerge import sharding as shd
 from jmerge.config import ModelConfig, load_config
-from jmerge.errors import JmergeError, collect
+from jmerge.errors import JmergeError, collect, first_line
 from jmerge.io.atomic import atomic_dir
 from jmerge.io.hf import copy_tokenizer, write_config
 
@@ -105,7 +105,7 @@ def _orbax_errors(where: Path):
     except JmergeError:
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e, 300)
         raise JmergeError(f"{where}: unreadable orbax checkpoint ({type(e).__name__}: {first})") from None
     finally:
         absl.setLevel(level)

@@ -457,18 +457,6 @@ def _eval(ck: _Check, raw) -> dict:
 
 
 def load(path: str | Path) -> SearchConfig:
-    import yaml
-
-    from jmerge.io.files import read_text
+    from jmerge.io.files import read_yaml
     path = Path(path)
-    text = read_text(path, "search config")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise JmergeError(f"{path}: YAML syntax error{line}: {problem}") from None
-    except RecursionError:
-        raise JmergeError(f"{path}: YAML nested too deeply") from None
-    return parse(raw, path)
+    return parse(read_yaml(path, "search config"), path)
