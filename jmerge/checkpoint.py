@@ -8,13 +8,9 @@ silently picks up a stale state.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
-import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +23,6 @@ from jmerge.io.files import field, read_json
 def fingerprint(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """A failed orbax read is reported as one line by the caller; meanwhile orbax logs it at ERROR
-    and its abandoned reads print "Exception ignored" tracebacks when collected, so both are
-    silenced for the duration (the collection included)."""
-    log, hook = logging.getLogger("absl"), sys.unraisablehook
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda unraisable: None
-    try:
-        yield
-    finally:
-        gc.collect()
-        sys.unraisablehook = hook
-        log.setLevel(level)
 
 
 class RunCheckpoint:
@@ -107,10 +86,10 @@ class RunCheckpoint:
                               "(remove it or choose another output directory)")
         if step < 0:
             raise JmergeError(f"{meta}: step {step} is negative; the checkpoint is damaged: {start_over}")
-        from jmerge.io.orbax_io import _load
+        from jmerge.io.orbax_io import _load, quiet_reads
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
         where = self.root / f"step_{step:08d}"
-        with _quiet_orbax():
+        with quiet_reads():
             try:
                 return step, _load(where, target)
             except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds for bad files)

@@ -119,26 +119,8 @@ def _is_num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _as_yaml_float(text: str) -> str | None:
-    """`text` rewritten so that YAML reads it as a float, when it is a finite number that YAML
-    read as a string: PyYAML (YAML 1.1) wants a dot and a signed exponent, so `1e308` and
-    `1.0e308` are strings and `1.0e+308` is a number."""
-    try:
-        x = float(text)
-    except ValueError:
-        return None
-    if not math.isfinite(x):
-        return None
-    mant, _, exp = text.strip().lower().partition("e")
-    if "." not in mant:
-        mant += ".0"
-    if exp and exp[0] not in "+-":
-        exp = "+" + exp
-    return f"{mant}e{exp}" if exp else mant
-
-
 def _text_number(name: str, v: str, where: str) -> str | None:
-    fixed = _as_yaml_float(v)
+    fixed = files.yaml_float(v)
     if fixed is None:
         return None
     return f"{where}: {name!r} is the string {v!r} (YAML reads {v} as text; write {fixed})"

@@ -91,6 +91,24 @@ def read_yaml(path: str | Path, what: str = "YAML file"):
         raise JmergeError(f"{path}: YAML nested too deeply") from None
 
 
+def yaml_float(text: str) -> str | None:
+    """`text` rewritten so that YAML reads it as a float, when it is a finite number that YAML
+    read as a string: PyYAML (YAML 1.1) wants a dot and a signed exponent, so `1e308` and
+    `1.0e308` are strings and `1.0e+308` is a number."""
+    try:
+        x = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(x):
+        return None
+    mant, _, exp = text.strip().lower().partition("e")
+    if "." not in mant:
+        mant += ".0"
+    if exp and exp[0] not in "+-":
+        exp = "+" + exp
+    return f"{mant}e{exp}" if exp else mant
+
+
 def _kind_name(kind: type) -> str:
     return {dict: "object", list: "array", str: "string", int: "integer", float: "number",
             bool: "boolean", type(None): "null"}.get(kind, kind.__name__)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -94,21 +96,34 @@ def load_orbax(path: str | Path, mesh: Mesh | None = None, dtype=None) -> tuple[
 
 
 @contextlib.contextmanager
-def _orbax_errors(where: Path):
-    """orbax and tensorstore errors (of any type) as one line naming the checkpoint; orbax's own
-    warnings about the damage are kept off the terminal, the line says it."""
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
+def quiet_reads():
+    """A failed orbax read is reported as one line by the caller; meanwhile orbax logs it and its
+    abandoned reads print "Exception ignored" tracebacks when collected, so both are silenced for
+    the duration (the collection included)."""
+    log, hook = logging.getLogger("absl"), sys.unraisablehook
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
     try:
         yield
-    except JmergeError:
-        raise
-    except Exception as e:
-        first = first_line(e, 300)
-        raise JmergeError(f"{where}: unreadable orbax checkpoint ({type(e).__name__}: {first})") from None
     finally:
-        absl.setLevel(level)
+        gc.collect()
+        sys.unraisablehook = hook
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _orbax_errors(where: Path):
+    """orbax and tensorstore errors (of any type) as one line naming the checkpoint; orbax's own
+    reports of the damage are kept off the terminal, the line says it."""
+    with quiet_reads():
+        try:
+            yield
+        except JmergeError:
+            raise
+        except Exception as e:
+            first = first_line(e, 300)
+            raise JmergeError(f"{where}: unreadable orbax checkpoint ({type(e).__name__}: {first})") from None
 
 
 def _check_layout(meta, cfg: ModelConfig, path: Path) -> None:

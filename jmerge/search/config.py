@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -151,22 +150,12 @@ RULES = {
 }
 DATA_KEYS = ("path", "weight", "source", "tokens")
 
-# A YAML 1.1 float needs a dot and a signed exponent: 1e308 and 1.0e308 are read as strings.
-_EXPONENT = re.compile(r"([-+]?)(\d+)(?:\.(\d*))?[eE]([-+]?)(\d+)")
-
-
 def _string_number(v: str, desc: str) -> str:
-    m = _EXPONENT.fullmatch(v.strip())
-    if m:
-        sign, whole, frac, esign, exp = m.groups()
-        fix = f"{sign}{whole}.{frac or '0'}e{esign or '+'}{exp}"
-        if fix != v.strip():
-            return f"{v!r} is a string: YAML 1.1 reads {v} as text; write {fix}"
-    try:
-        quoted = math.isfinite(float(v))
-    except ValueError:
-        quoted = False
-    if quoted:
+    from jmerge.io.files import yaml_float
+    fix = yaml_float(v)
+    if fix is not None and "e" in v.lower() and fix != v.strip():
+        return f"{v!r} is a string: YAML 1.1 reads {v} as text; write {fix}"
+    if fix is not None:
         return f"{v!r} is a string, expected {desc}; write the number without quotes"
     return f"expected {desc}, got the string {v!r}"
 

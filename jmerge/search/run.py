@@ -293,12 +293,12 @@ def eval_sets(ev: dict) -> tuple[dict, str | None, list]:
     return sets, over_source, tasks
 
 
-def evaluate(job: Job, models: list[tuple[str, dict, dict]], prepared: tuple | None = None) -> dict:
+def evaluate(job: Job, models: list[tuple[str, dict, dict]], prepared: tuple) -> dict:
     """Every model through the eval suites with one Runtime: compiled once, params swapped.
-    `prepared`: what `eval_sets` returned for the job's config (read again when None)."""
+    `prepared`: what `eval_sets` returned for the job's config."""
     from jmerge.eval import suites as S
     ev = job.c.eval
-    sets, over_source, tasks = prepared or eval_sets(ev)
+    sets, over_source, tasks = prepared
     rt = S.Runtime(job.model_cfg, job.base, job.tokenizer, mesh=job.mesh, max_new_tokens=ev["max_new_tokens"],
                    batch_size=ev["batch_size"], progress=False)
     from tqdm.auto import tqdm
