@@ -172,3 +172,24 @@ def no_persistent_compile_cache(monkeypatch):
 def dirs(tiny_model_dir):
     """Three tiny float32 llama checkpoints (seeds 0-2), the merge tests' inputs."""
     return {f"m{s}": tiny_model_dir("llama", s) for s in range(3)}
+
+
+@pytest.fixture
+def model(tiny_model_dir, tmp_path):
+    """A private, editable copy of a tiny float32 llama checkpoint."""
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("llama"), d)
+    return d
+
+
+def copy_with_nan(src: Path, dst: Path, name: str = "model.layers.1.mlp.up_proj.weight") -> Path:
+    """A copy of checkpoint `src` at `dst` whose tensor `name` holds one NaN."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+    shutil.copytree(src, dst)
+    t = load_file(dst / "model.safetensors")
+    t[name][0, 0] = np.nan
+    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst

@@ -1,13 +1,11 @@
 """Bad input to `jmerge convert`: one clear line on stderr, exit code 2, nothing written."""
 
 import json
-import shutil
 import struct
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from jmerge.cli import main
 from jmerge.io.safetensors_io import Checkpoint
@@ -18,14 +16,6 @@ def convert(capsys, src, out, *extra):
     rc = main(["convert", str(src), str(out), "-q", *extra])
     err = capsys.readouterr().err.strip()
     return rc, err
-
-
-@pytest.fixture
-def model(tiny_model_dir, tmp_path):
-    """A private, editable copy of a tiny float32 llama checkpoint."""
-    d = tmp_path / "m"
-    shutil.copytree(tiny_model_dir("llama"), d)
-    return d
 
 
 def _rewrite(d, fn):

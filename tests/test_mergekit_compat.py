@@ -4,11 +4,12 @@ method knows (an error, a warning with --lenient), `modules:`, `tokenizer.tokens
 normalized weights refused; `jmerge inspect` writes strict JSON."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import yaml
+
+from conftest import copy_with_nan
 
 from jmerge.cli import run
 from jmerge.errors import JmergeError
@@ -211,12 +212,7 @@ def test_nonfinite_output_refused_then_allowed(capsys, tmp_path, dirs, mode):
 # ---- inspect ---------------------------------------------------------------------------------
 
 def test_inspect_nan_model_strict_json(capsys, tmp_path, dirs):
-    from safetensors.numpy import save_file
-    bad = tmp_path / "bad"
-    shutil.copytree(dirs["m1"], bad)
-    t = tensors(bad)
-    t["model.layers.1.mlp.up_proj.weight"][0, 0] = np.nan
-    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = copy_with_nan(dirs["m1"], tmp_path / "bad")
     out = tmp_path / "report"
     rc, cap = cli(capsys, "inspect", "--base", dirs["m0"], "--models", bad, dirs["m2"], "--out", out)
     assert rc == 0, cap.err

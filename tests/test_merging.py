@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import copy_with_nan
+
 from jmerge import sharding as shd
 from jmerge.cli import run
 from jmerge.io.safetensors_io import Checkpoint
@@ -356,12 +358,7 @@ def test_disk_full_leaves_nothing(capsys, tmp_path, dirs, monkeypatch, mode):
 
 @pytest.mark.parametrize("mode", ["--stream", "--in-memory"])
 def test_nonfinite_input(capsys, tmp_path, dirs, mode):
-    from safetensors.numpy import save_file
-    bad = tmp_path / "bad"
-    shutil.copytree(dirs["m1"], bad)
-    t = tensors(bad)
-    t["model.layers.1.mlp.up_proj.weight"][0, 0] = np.nan
-    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    bad = copy_with_nan(dirs["m1"], tmp_path / "bad")
     cfg = tmp_path / "c.yml"
     cfg.write_text(f"models: [{{model: {dirs['m0']}}}, {{model: {bad}}}]\nmerge_method: slerp\n"
                    f"base_model: {dirs['m0']}\nparameters: {{t: 0.5}}\n")

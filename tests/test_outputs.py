@@ -70,13 +70,6 @@ def models(tiny_model_dir, tmp_path):
     return d, cfg
 
 
-@pytest.fixture
-def model(tiny_model_dir, tmp_path):
-    d = tmp_path / "m"
-    shutil.copytree(tiny_model_dir("llama"), d)
-    return d
-
-
 # ---------------------------------------------------------------------------- overlap with inputs
 
 def test_merge_force_into_the_folder_holding_its_models(capsys, models, tmp_path):
