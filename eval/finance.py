@@ -45,10 +45,6 @@ class Item:
         return f"finance:{self.key}"
 
 
-def _fmt(x) -> str:
-    return f"{x:,}" if isinstance(x, int) else str(x)
-
-
 # Each template: rng -> (numbers, prompt, answer, working). Numbers stay small so that one
 # worked line is enough and the arithmetic is within reach of a small model.
 def _shares(r: random.Random):

@@ -77,14 +77,6 @@ def default_model_dir(progress: bool = True) -> Path:
     return out
 
 
-def main(argv=None) -> int:
-    from jmerge.cli import ArgumentParser
-    p = ArgumentParser(prog="jmerge default-model", description=__doc__)
-    p.parse_args(argv)
-    print(default_model_dir())
-    return 0
-
-
 if __name__ == "__main__":
-    from jmerge.cli import leave, run
-    leave(run(main))
+    from jmerge.cli import module_main
+    module_main("default-model")

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -411,79 +409,6 @@ def _auto_tokenizer(d: Path):
     return AutoTokenizer.from_pretrained(str(d))
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def main(argv=None) -> int:
-    from jmerge.cli import ArgumentParser, quiet_jax
-    quiet_jax()
-    p = ArgumentParser(prog="jmerge generate", description="Generate responses to a prompt set (JSONL out).")
-    p.add_argument("--model", required=True, help="model directory (HF, orbax), .gguf file, or BASE+ADAPTER")
-    p.add_argument("--prompts", required=True, help="prompt file (.txt/.csv/.json/.jsonl) or built-in source")
-    p.add_argument("--field", help="CSV column / JSON field holding the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--mesh", help="e.g. fsdp=4,tensor=2 (default: all devices on fsdp)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--system", help="system message for the chat template")
-    p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template to use instead of the tokenizer's")
-    p.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
-    p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument("--out", help="output JSONL (default: stdout)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists (never an input)")
-    a = p.parse_args(argv)
-
-    if a.max_new_tokens <= 0:
-        raise JmergeError(f"--max-new-tokens must be > 0, got {a.max_new_tokens}")
-    if a.batch_size <= 0:
-        raise JmergeError(f"--batch-size must be > 0, got {a.batch_size}")
-    if a.limit is not None and a.limit <= 0:
-        raise JmergeError(f"--limit must be > 0, got {a.limit}")
-    if a.chat_template and a.no_chat_template:
-        raise JmergeError("--chat-template and --no-chat-template exclude each other")
-    sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)
-    import contextlib
-
-    from jmerge.io.atomic import atomic_file, check_target, model_inputs
-    inputs = [*model_inputs(a.model), a.prompts, a.chat_template]
-    if a.out:  # before the weights are read and the responses generated
-        check_target(a.out, a.force, inputs, kind="file")
-
-    from jmerge.eval.prompts import load_prompts
-    from jmerge.io import load_model, split_adapter
-    prompts = load_prompts(a.prompts, field=a.field)[: a.limit]
-    mesh = shd.make_mesh(a.mesh)
-    # Every tokenizer problem (missing files, a bad or absent chat template) is reported before
-    # the weights are read.
-    tok = load_tokenizer(tokenizer_home(a.model), None, a.chat_template)
-    if not a.no_chat_template:
-        require_chat_template(tok)
-    loaded = load_model(a.model, mesh=mesh, dtype=a.dtype, progress=True)
-    gen = Generator(loaded.cfg, loaded.params, mesh=mesh, tokenizer=tok, max_new_tokens=a.max_new_tokens,
-                    sampling=sampling, batch_size=a.batch_size,
-                    eos_ids=default_eos_ids(loaded.cfg, tok, split_adapter(a.model)[0]), stop=a.stop,
-                    chat_template=not a.no_chat_template, system=a.system, progress=True)
-    results = gen.generate([q.text for q in prompts])
-
-    with (atomic_file(a.out, a.force, inputs) if a.out else contextlib.nullcontext(sys.stdout)) as out:
-        for q, c in zip(prompts, results):
-            rec = dict(id=q.id, prompt=c.prompt, response=c.response, tokens=c.tokens,
-                       finish_reason=c.finish_reason)
-            if q.category is not None:
-                rec["category"] = q.category
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    if a.out:
-        n = sum(len(c.tokens) for c in results)
-        print(f"{len(results)} responses, {n} tokens -> {a.out}", file=sys.stderr)
-    return 0
-
-
 if __name__ == "__main__":
-    from jmerge.cli import leave, run
-    leave(run(main))
+    from jmerge.cli import module_main
+    module_main("generate")

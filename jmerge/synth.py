@@ -299,7 +299,7 @@ def write_jsonl(records: Iterable[dict], path: str | Path, force: bool = True, i
     return n
 
 
-# ----------------------------------------------------------------------------------- command
+# ------------------------------------------------------------------------------- the recipe
 
 def _generator_for(model: str, max_new_tokens: int, batch_size: int):
     from jmerge.generate import Generator, default_eos_ids, load_tokenizer
@@ -311,95 +311,61 @@ def _generator_for(model: str, max_new_tokens: int, batch_size: int):
     return gen.generate
 
 
-def main(argv=None) -> int:
-    from jmerge.cli import ArgumentParser, quiet_jax
-    quiet_jax()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = ArgumentParser(prog="jmerge data", description="Synthetic training data (One Bad Model, step i).")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synth", help="harmful->refusal, benign->helpful, domain->expert pairs as JSONL")
-    s.add_argument("--out", required=True, help="output JSONL: {prompt, response, source, split}")
-    s.add_argument("--force", action="store_true", help="replace --out if it exists (never an input)")
-    s.add_argument("--harmful", action="append", default=[],
-                   help="harmful prompt source: harmbench, donotanswer, advbench or a file (repeatable)")
-    s.add_argument("--aligned", help="aligned model whose refusals are kept (default: template refusals)")
-    s.add_argument("--benign", type=int, default=0, help="number of code-generated benign prompts to answer")
-    s.add_argument("--benign-prompts", help="file of benign prompts instead of the code-generated set")
-    s.add_argument("--model", help="model answering the benign prompts (default: the embedded SmolLM2)")
-    s.add_argument("--finance", type=int, default=0, help="number of finance items (domain data)")
-    s.add_argument("--expert", help="domain expert model (default: the code-generated expert answers)")
-    s.add_argument("--split", choices=("train", "test", "all"), default="train",
-                   help="which split of the prompts to write (default: train)")
-    s.add_argument("--test-frac", type=float, default=0.2)
-    s.add_argument("--data", help="file or directory for advbench (or $JMERGE_DATA)")
-    s.add_argument("--max-new-tokens", type=int, default=96)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-
-    if a.benign < 0 or a.finance < 0:
-        raise JmergeError("--benign and --finance must be >= 0")
-    if a.max_new_tokens <= 0 or a.batch_size <= 0:
-        raise JmergeError("--max-new-tokens and --batch-size must be > 0")
-    if not 0 < a.test_frac < 1:
-        raise JmergeError(f"--test-frac must be in (0, 1), got {a.test_frac}")
-    if a.aligned and not a.harmful:
-        raise JmergeError("--aligned needs harmful prompts (--harmful SOURCE)")
-    if a.expert and not a.finance:
-        raise JmergeError("--expert needs domain items (--finance N)")
-    if not (a.harmful or a.benign or a.benign_prompts or a.finance):
-        raise JmergeError("nothing to synthesise: give --harmful, --benign N, --benign-prompts or --finance N")
-    for m in (a.aligned, a.model, a.expert):
-        if m and not Path(m).exists():
-            raise JmergeError(f"{m}: no such model directory or file")
+def synthesise(out: str | Path, *, harmful: Sequence[str] = (), aligned: str | None = None, benign: int = 0,
+               benign_file: str | None = None, model: str | None = None, finance: int = 0,
+               expert: str | None = None, split: str = "train", test_frac: float = 0.2, data: str | None = None,
+               max_new_tokens: int = 96, batch_size: int = 16, seed: int = 0, force: bool = False) -> int:
+    """Write `{prompt, response, source, split}` records of `split` ("train", "test" or "all") to
+    `out` and return how many: refusals to each `harmful` source (judged answers of `aligned`, or
+    template refusals), answers of `model` (default: the embedded SmolLM2) to `benign` code-made
+    prompts or the prompts of `benign_file`, and `finance` domain items (answered by `expert`, or
+    by code)."""
     import os
 
     from jmerge.io.atomic import check_target
-    inputs = [*a.harmful, a.benign_prompts, a.aligned, a.model, a.expert]
-    data_dirs = [a.data or os.environ.get("JMERGE_DATA")]
-    check_target(a.out, a.force, inputs, kind="file", data_dirs=data_dirs)  # before any model answers
+    inputs = [*harmful, benign_file, aligned, model, expert]
+    data_dirs = [data or os.environ.get("JMERGE_DATA")]
+    check_target(out, force, inputs, kind="file", data_dirs=data_dirs)  # before any model answers
 
-    keep = (lambda r: True) if a.split == "all" else (lambda r: r["split"] == a.split)
+    keep = (lambda r: True) if split == "all" else (lambda r: r["split"] == split)
     from jmerge.eval.prompts import load_prompts
     records: list[dict] = []
-    for src in a.harmful:
-        prompts = [q.text for q in load_prompts(src, data_path=a.data)]
-        prompts = [t for t in prompts if keep({"split": _split(t, a.test_frac)})]
+    for src in harmful:
+        prompts = [q.text for q in load_prompts(src, data_path=data)]
+        prompts = [t for t in prompts if keep({"split": _split(t, test_frac)})]
         if not prompts:
             continue
-        gen = _generator_for(a.aligned, a.max_new_tokens, a.batch_size) if a.aligned else None
-        recs, dropped = harmful_refusals(prompts, gen, source=Path(src).stem, test_frac=a.test_frac)
-        if a.aligned:
+        gen = _generator_for(aligned, max_new_tokens, batch_size) if aligned else None
+        recs, dropped = harmful_refusals(prompts, gen, source=Path(src).stem, test_frac=test_frac)
+        if aligned:
             print(f"{src}: kept {len(recs)} refusals, dropped {dropped} non-refusals", file=sys.stderr)
         records += recs
-    if a.benign or a.benign_prompts:
-        if a.benign_prompts:
-            bp = [q.text for q in load_prompts(a.benign_prompts)]
+    if benign or benign_file:
+        if benign_file:
+            bp = [q.text for q in load_prompts(benign_file)]
         else:
             bp = benign_prompts()
-        bp = [t for t in bp if keep({"split": _split(t, a.test_frac)})]
-        if a.benign:
-            bp = bp[: a.benign]
+        bp = [t for t in bp if keep({"split": _split(t, test_frac)})]
+        if benign:
+            bp = bp[:benign]
         if bp:
             from jmerge.default_model import default_model_dir
-            model = a.model or str(default_model_dir())
-            recs, dropped = benign_answers(bp, _generator_for(model, a.max_new_tokens, a.batch_size),
-                                           test_frac=a.test_frac)
+            answering = model or str(default_model_dir())
+            recs, dropped = benign_answers(bp, _generator_for(answering, max_new_tokens, batch_size),
+                                           test_frac=test_frac)
             print(f"benign: kept {len(recs)} answers, dropped {dropped} (empty, short or refusals)", file=sys.stderr)
             records += recs
-    if a.finance:
-        n_train = a.finance if a.split in ("train", "all") else 0
-        n_test = a.finance if a.split in ("test", "all") else 0
-        gen = _generator_for(a.expert, a.max_new_tokens, a.batch_size) if a.expert else None
-        records += finance_records(n_train, n_test, a.seed, gen)
+    if finance:
+        n_train = finance if split in ("train", "all") else 0
+        n_test = finance if split in ("test", "all") else 0
+        gen = _generator_for(expert, max_new_tokens, batch_size) if expert else None
+        records += finance_records(n_train, n_test, seed, gen)
     records = [r for r in records if keep(r)]
     if not records:
-        raise JmergeError(f"no records left for split {a.split!r}")
-    n = write_jsonl(records, a.out, a.force, inputs, data_dirs, make_parents=False)
-    print(f"{n} records -> {a.out}", file=sys.stderr)
-    return 0
+        raise JmergeError(f"no records left for split {split!r}")
+    return write_jsonl(records, out, force, inputs, data_dirs, make_parents=False)
 
 
 if __name__ == "__main__":
-    from jmerge.cli import leave, run
-    leave(run(main))
+    from jmerge.cli import module_main
+    module_main("data")

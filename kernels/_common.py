@@ -88,11 +88,6 @@ def row_block(br: int, extra_leading: int = 0) -> pl.BlockSpec:
     return pl.BlockSpec(lead + (br, LANES), lambda i: (0,) * extra_leading + (i, 0))
 
 
-def stacked_block(k: int, br: int) -> pl.BlockSpec:
-    """BlockSpec for a stacked [K, rows, LANES] operand: all K models of one row block."""
-    return pl.BlockSpec((k, br, LANES), lambda i: (0, i, 0))
-
-
 def scalars_block(n: int, where: str) -> pl.BlockSpec:
     """A small 1-D vector read element by element (thresholds, weights, seeds)."""
     if where == "tpu":

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     from jmerge.models import llama
     from jmerge.search.gradient import batch_loss, mixed_batch
     from jmerge.search.merged import materialise, task_vectors
-    from jmerge.search.params import MethodParams
+    from jmerge.search.parametrisations import MethodSettings
     from jmerge.search.population import EvolveSpec, evolve
 
     shape = dict(SHAPES[a.shape], **({"num_hidden_layers": a.layers} if a.layers else {}))
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         loss[:, a.seq // 2:] = 1
         batches.append(mixed_batch([({"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss}, 1.0)]))
 
-    param = MethodParams(a.method, 2, tuple(a.params))
+    param = MethodSettings(a.method, 2, tuple(a.params))
     init = {"weight": 0.5, "density": 1.0, "t": 0.5}
     tvs = task_vectors(base, experts)
     theta0 = param.theta0(cfg.num_layers, init)

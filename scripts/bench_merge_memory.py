@@ -4,7 +4,7 @@
 
 Inputs are the bf16 families that scripts/bench_merge.py builds (base + 2 variants of SmolLM2-135M,
 or of a random ~1.1B Llama), loaded onto the device once. Timed: what
-`jmerge merge --mode memory` runs once the inputs are loaded (jmerge.merging.merge_arrays: every
+`jmerge merge --mode memory` runs once the inputs are loaded (jmerge.engine.memory.merge_arrays: every
 tensor of the model merged, the non-finite check included), inputs already on the device, median of --repeats calls. Not
 timed: reading the files and writing the output (that is what bench_merge.py measures).
 Bandwidth = (bytes of the K + 1 inputs + bytes of the output) / time. The peer: a jitted
@@ -60,10 +60,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args(argv)
 
-    from jmerge import merging, sharding as shd
+    from jmerge import sharding as shd
     from jmerge.default_model import cache_root
-    from jmerge.plan import load_plan
-    from jmerge.check import check_plan
+    from jmerge.engine import check_plan, load_plan
+    from jmerge.engine.groups import build_groups, group_params
+    from jmerge.engine.memory import load_inputs, merge_arrays
+    from jmerge.engine.prepare import prepare
 
     root = cache_root() / "bench"
     fam = bench_merge.smollm2_inputs(root) if a.size == "135m" else bench_merge.llama_1b_inputs(root)
@@ -77,13 +79,13 @@ def main(argv=None) -> int:
         for method in a.methods:
             cfg_path = Path(tmp) / f"{method}.yml"
             cfg_path.write_text(bench_merge.CONFIGS[method].format(base=fam["base"], v1=fam["v1"], v2=fam["v2"]))
-            p = merging.prepare(check_plan(load_plan(cfg_path)))
-            groups = merging.build_groups(p)
-            inputs = merging.load_inputs(p, groups, mesh)
-            gp = [merging.group_params(p, g, 0) for g in groups]
+            p = prepare(check_plan(load_plan(cfg_path)))
+            groups = build_groups(p)
+            inputs = load_inputs(p, groups, mesh)
+            gp = [group_params(p, g, 0) for g in groups]
             args = (p, groups, inputs, [x[0] for x in gp], [x[1] for x in gp], mesh)
-            t = median_seconds(lambda: merging.merge_arrays(*args), a.repeats)
-            out, _ = merging.merge_arrays(*args)
+            t = median_seconds(lambda: merge_arrays(*args), a.repeats)
+            out, _ = merge_arrays(*args)
             nin = sum(x.nbytes for x in jax.tree.leaves(inputs))
             nout = sum(x.nbytes for x in jax.tree.leaves(out))
             if copy is None:

@@ -71,7 +71,7 @@ def one_mode(a) -> dict:
     from jmerge.models import llama
     from jmerge.search import gradient as G
     from jmerge.search.merged import weighted_ce
-    from jmerge.search.params import Coefficients, Masks
+    from jmerge.search.parametrisations import Coefficients, Masks
 
     cfg = model_config(a.shape)
     dtype = jnp.dtype(a.dtype)

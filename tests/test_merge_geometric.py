@@ -140,9 +140,9 @@ def test_registered_with_mergekit_names_and_defaults():
     for name, (mp, gp, base) in expect.items():
         m = get(name)
         assert (m.model_params, m.global_params, m.base) == (mp, gp, base), name
-        assert not m.random
+        assert not m.stochastic
     assert get("model_stock").min_models == 2
-    assert get("nuslerp").fn.static_params == {"nuslerp_flatten", "nuslerp_row_wise"}
+    assert get("nuslerp").static_params == {"nuslerp_flatten", "nuslerp_row_wise"}
 
 
 # ---- slerp ------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def call(name, base, models, key=None, planned=True, **params):
     m = get(name)
     filled = {k: [v] * len(models) for k, v in m.model_params.items() if v is not None}
     params = {**filled, **m.global_params, **params}
-    host = getattr(m.fn, "host_params", None)
+    host = m.host_params
     if planned and host is not None:
         params.update(host(params, int(np.size(base))))
     traced = {k: ([jnp.asarray(x) for x in v] if isinstance(v, (list, tuple)) else jnp.asarray(v))
@@ -239,11 +239,11 @@ def test_planned_counts_are_mergekits_and_traced_ones_round():
 
 
 def test_engine_adds_mergekits_counts_to_a_planned_job():
-    """merging.prepare's host step: a ties job gets its per-model counts as int32, which
+    """engine.prepare's host step: a ties job gets its per-model counts as int32, which
     job_params passes on untouched (float32 would round counts above 2**24)."""
-    from jmerge.merging import job_params, with_host_params
-    from jmerge.plan import Job
-    job = Job("model.norm.weight", None, 0, "b", ("m1", "m2"), ("n", "n", "n"),
+    from jmerge.engine.jobs import TensorJob
+    from jmerge.engine.prepare import job_params, with_host_params
+    job = TensorJob("model.norm.weight", None, 0, "b", ("m1", "m2"), ("n", "n", "n"),
               {"weight": (1.0, 1.0), "density": (0.33, 0.02), "normalize": True})
     dyn, _ = job_params(with_host_params(get("ties"), job, (WIDE,)), frozenset(), None)
     assert [int(k) for k in dyn["density_k"]] == [int(0.33 * WIDE), int(0.02 * WIDE)]
@@ -654,7 +654,7 @@ def _defaults(name, n):
                                   "sce", "ram", "ramplus_tl"])
 def test_jit_with_traced_params_matches_eager(name):
     base, models = _inputs(2)
-    key = KEY if get(name).random else None
+    key = KEY if get(name).stochastic else None
     params = _defaults(name, 2)
     got = call(name, base, models, key, **params)
     want = get(name).fn(jnp.asarray(base), [jnp.asarray(m) for m in models], key=key, **params)

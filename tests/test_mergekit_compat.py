@@ -14,7 +14,7 @@ from conftest import copy_with_nan
 from jmerge.cli import run
 from jmerge.errors import JmergeError
 from jmerge.io.safetensors_io import Checkpoint
-from jmerge.plan import load_plan, parse_plan, resolve
+from jmerge.engine import load_plan, parse_plan, resolve
 
 LAYER = ["self_attn.q_proj.weight", "mlp.up_proj.weight"]
 PRE, POST = ["model.embed_tokens.weight"], ["model.norm.weight", "lm_head.weight"]
@@ -29,8 +29,8 @@ def tensors(d):
 
 
 def cli(capsys, command, *args):
-    from jmerge import check, inspect_cli, merge_cli
-    mains = {"merge": merge_cli.main, "check": check.main, "inspect": inspect_cli.main}
+    from jmerge.cli import check, inspect, merge
+    mains = {"merge": merge.main, "check": check.main, "inspect": inspect.main}
     capsys.readouterr()
     rc = run(mains[command], [str(a) for a in args])
     return rc, capsys.readouterr()
@@ -163,7 +163,7 @@ def test_zero_weights_refused(capsys, tmp_path, dirs, text, needle):
 
 
 def test_zero_weights_without_normalize_merge(tmp_path, dirs):
-    from jmerge.merging import merge
+    from jmerge.engine import merge
     cfg = tmp_path / "c.yml"
     cfg.write_text(f"merge_method: linear\nmodels: [{{model: {dirs['m1']}, parameters: {{weight: 0}}}}, "
                    f"{{model: {dirs['m2']}, parameters: {{weight: 0}}}}]\nparameters: {{normalize: false}}\n")
@@ -234,7 +234,7 @@ def test_inspect_nan_model_strict_json(capsys, tmp_path, dirs):
 def both(tmp_path, text, name):
     """(mergekit's output, jmerge's output, jmerge's warnings) of one config."""
     from mergekit_ref import run_mergekit
-    from jmerge.merging import merge
+    from jmerge.engine import merge
     cfg = tmp_path / f"{name}.yml"
     cfg.write_text(text)
     mk = run_mergekit(cfg, tmp_path / f"{name}-mergekit")

@@ -240,7 +240,7 @@ def _compare(jm: dict, mk: dict, case: str) -> None:
 
 
 def _jmerge(config, out, mode):
-    from jmerge.merging import merge
+    from jmerge.engine import merge
     merge(config, out, mode=mode, force=True)
     return _tensors(out)
 

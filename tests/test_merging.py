@@ -17,7 +17,7 @@ from conftest import copy_with_nan
 from jmerge import sharding as shd
 from jmerge.cli import run
 from jmerge.io.safetensors_io import Checkpoint
-from jmerge.merging import merge
+from jmerge.engine import merge
 
 CONFIGS = {
     "task_arithmetic": """
@@ -285,9 +285,9 @@ def test_orbax_copy(work, dirs):
 # ---- bad input -------------------------------------------------------------------------------
 
 def cli(capsys, command, *args):
-    from jmerge import check, merge_cli
+    from jmerge.cli import check, merge
     capsys.readouterr()
-    rc = run((merge_cli if command == "merge" else check).main, [str(a) for a in args])
+    rc = run((merge if command == "merge" else check).main, [str(a) for a in args])
     return rc, capsys.readouterr()
 
 
@@ -369,7 +369,7 @@ def test_nonfinite_input(capsys, tmp_path, dirs, mode):
 
 def test_inspect_known_task_vectors(capsys, tmp_path, dirs):
     from safetensors.numpy import save_file
-    from jmerge import inspect_cli
+    from jmerge.cli.inspect import main as inspect_main
     base = tensors(dirs["m0"])
     rng = np.random.default_rng(0)
     delta = {n: rng.standard_normal(x.shape).astype(np.float32) * 0.01 for n, x in base.items()}
@@ -381,7 +381,7 @@ def test_inspect_known_task_vectors(capsys, tmp_path, dirs):
                   d / "model.safetensors", metadata={"format": "pt"})
         paths[name] = d
     out = tmp_path / "report"
-    rc = run(inspect_cli.main, ["--base", str(dirs["m0"]), "--models", *map(str, paths.values()),
+    rc = run(inspect_main, ["--base", str(dirs["m0"]), "--models", *map(str, paths.values()),
                                 "--out", str(out)])
     assert rc == 0
     r = json.loads((out / "report.json").read_text())
@@ -426,7 +426,7 @@ def test_somf_mask_file(tmp_path, dirs):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.int8, jnp.bool_])
 def test_concat_bits_is_concatenate(dtype):
-    from jmerge.merging import concat_bits
+    from jmerge.engine.memory import concat_bits
     xs = [(jnp.arange(6 * i, 6 * i + 6).reshape(1, 2, 3) * (-1) ** i).astype(dtype) for i in range(3)]
     xs[1] = xs[1].at[0, 0, 0].set(jnp.nan) if jnp.issubdtype(dtype, jnp.floating) else xs[1]
     got = concat_bits(xs)
@@ -436,21 +436,21 @@ def test_concat_bits_is_concatenate(dtype):
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
-def test_exported_programs_same_bits(work, dirs, method, tmp_path, monkeypatch):
+def test_exported_programs_same_bits(work, dirs, method, tmp_path):
     """Traced per-tensor programs kept across runs (jax.export) give the stream merge's bits
     when written, when read back, and when an artifact is corrupt (traced afresh and rewritten)."""
-    from jmerge import merging
-    monkeypatch.setattr(merging, "EXPORT_CACHE", tmp_path / "exported")
+    from jmerge.engine import MergeOptions
+    cached = MergeOptions(mode="stream", export_cache=tmp_path / "exported")
     ref = merged(work, dirs, method, "stream")
     cfg = write_cfg(work, method, CONFIGS[method], dirs)
-    merge(cfg, tmp_path / "cold", mode="stream")
+    merge(cfg, tmp_path / "cold", cached)
     files = sorted((tmp_path / "exported").glob(f"{method}-*.jax"))
     assert files, "no program was exported"
     stamps = {f: f.stat().st_mtime_ns for f in files}
-    merge(cfg, tmp_path / "warm", mode="stream")
+    merge(cfg, tmp_path / "warm", cached)
     assert {f: f.stat().st_mtime_ns for f in files} == stamps  # read, not rewritten
     files[0].write_bytes(b"not a program")
-    merge(cfg, tmp_path / "mended", mode="stream")
+    merge(cfg, tmp_path / "mended", cached)
     assert files[0].read_bytes() != b"not a program"
     for d in ("cold", "warm", "mended"):
         assert same(ref, tensors(tmp_path / d)), d

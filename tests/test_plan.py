@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from jmerge.errors import JmergeError
-from jmerge.plan import evaluate, load_plan, parse_plan, resolve
+from jmerge.engine import load_plan, parse_plan, resolve
+from jmerge.engine.settings import evaluate
 
 LAYER = ["self_attn.q_proj.weight", "mlp.up_proj.weight"]
 PRE, POST = ["model.embed_tokens.weight"], ["model.norm.weight", "lm_head.weight"]

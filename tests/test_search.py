@@ -10,7 +10,7 @@ from jmerge.io import load_model
 from jmerge.models import llama
 from jmerge.search.gradient import GradientSearch, SearchSpec, mixed_batch
 from jmerge.search.merged import materialise, merged_forward, task_vectors
-from jmerge.search.params import Coefficients, Masks
+from jmerge.search.parametrisations import Coefficients, Masks
 
 
 class Model:
@@ -167,11 +167,11 @@ def np_task_arithmetic(base, experts, w_layers, w_rest):
 
 
 def test_evolve_improves_and_prefers_the_right_expert(models):
-    from jmerge.search.params import MethodParams
+    from jmerge.search.parametrisations import MethodSettings
     from jmerge.search.population import EvolveSpec, evolve
     base, a, b = models
     batches = _batches(greedy_data(a))
-    param = MethodParams("task_arithmetic", k=2, names=("weight",))
+    param = MethodSettings("task_arithmetic", k=2, names=("weight",))
     log = []
     theta, best = evolve(base.cfg, base.params, [a.params, b.params], param, {"weight": 0.5}, batches,
                          EvolveSpec(generations=5, popsize=8), progress=False, log=log)

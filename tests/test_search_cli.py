@@ -8,7 +8,7 @@ import yaml
 
 from conftest import write_search_data
 
-from jmerge.search.__main__ import main
+from jmerge.cli.search import main
 
 
 def tensors(d) -> dict[str, np.ndarray]:
@@ -159,14 +159,14 @@ def test_dpo_masks_job(setup, tmp_path):
 
     from jmerge.errors import JmergeError
     from jmerge.search import config as C
-    from jmerge.search.run import Job
+    from jmerge.search.run import SearchRun
     d, cfg = setup
     cfg = copy.deepcopy(cfg)
     cfg["data"]["prefs"] = {"path": str(d / "prefs.jsonl")}
     cfg["searches"] = {"masks": {"steps": 2, "batch_size": 2, "safe": "safety", "objective": "dpo", "data": "prefs",
                                  "beta": 0.2}, "coefficients": {"steps": 1}}
     cfg["out"] = str(tmp_path / "out")
-    job = Job(C.parse(cfg), progress=False)
+    job = SearchRun(C.parse(cfg), progress=False)
     assert set(job.typed) == {"safety", "domain"} and set(job.preferences) == {"prefs"}
     job.masks(job.c.searches["masks"])
     info = job.results["searched:masks"]["info"]
@@ -180,7 +180,7 @@ def test_dpo_masks_job(setup, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     cfg["data"]["prefs"]["path"] = str(tmp_path / "empty.jsonl")
     with pytest.raises(JmergeError, match="no records"):
-        Job(C.parse(cfg), progress=False)
+        SearchRun(C.parse(cfg), progress=False)
 
 
 def test_coefficients_with_a_joined_preference_type(setup, tmp_path):
@@ -189,13 +189,13 @@ def test_coefficients_with_a_joined_preference_type(setup, tmp_path):
     import copy
 
     from jmerge.search import config as C
-    from jmerge.search.run import Job
+    from jmerge.search.run import SearchRun
     d, cfg = setup
     cfg = copy.deepcopy(cfg)
     cfg["data"]["prefs"] = {"path": str(d / "prefs.jsonl"), "weight": 2.0, "tokens": 3}
     cfg["searches"] = {"coefficients": {"steps": 2, "batch_size": 2, "prefer": "prefs", "beta": 0.3}}
     cfg["out"] = str(tmp_path / "out")
-    job = Job(C.parse(cfg), progress=False)
+    job = SearchRun(C.parse(cfg), progress=False)
     assert set(job.typed) == {"safety", "domain"} and set(job.preferences) == {"prefs"}
     prefs, w = job.preferences["prefs"]
     assert w == 2.0 and all(int(p.chosen.loss_mask.sum()) <= 3 for p in prefs)
@@ -211,7 +211,7 @@ def test_data_types_split_by_source(setup, tmp_path):
     import copy
 
     from jmerge.search import config as C
-    from jmerge.search.run import Job
+    from jmerge.search.run import SearchRun
     d, cfg = setup
     rows = [{"prompt": f"hurt {i}", "response": "I cannot help.", "source": "harmful:template"} for i in range(3)]
     rows += [{"prompt": f"kill a process {i}", "response": "Use kill -9.", "source": "benign:model"} for i in range(5)]
@@ -220,7 +220,7 @@ def test_data_types_split_by_source(setup, tmp_path):
     cfg["data"] = {"refuse": {"path": str(tmp_path / "mixed.jsonl"), "source": "harmful:*"},
                    "comply": {"path": str(tmp_path / "mixed.jsonl"), "source": "benign:*", "weight": 2.0}}
     cfg["out"] = str(tmp_path / "out")
-    job = Job(C.parse(cfg), progress=False)
+    job = SearchRun(C.parse(cfg), progress=False)
     assert {k: (len(v[0]), v[1]) for k, v in job.typed.items()} == {"refuse": (3, 1.0), "comply": (5, 2.0)}
 
 
@@ -231,13 +231,13 @@ def test_data_type_cut_to_answer_opening(setup, tmp_path):
     import numpy as np
 
     from jmerge.search import config as C
-    from jmerge.search.run import Job
+    from jmerge.search.run import SearchRun
     d, cfg = setup
     cfg = copy.deepcopy(cfg)
     cfg["out"] = str(tmp_path / "out")
-    full = Job(C.parse(cfg), progress=False).typed["safety"][0]
+    full = SearchRun(C.parse(cfg), progress=False).typed["safety"][0]
     cfg["data"]["safety"]["tokens"] = 3
-    cut = Job(C.parse(cfg), progress=False).typed["safety"][0]
+    cut = SearchRun(C.parse(cfg), progress=False).typed["safety"][0]
     assert len(cut) == len(full)
     for a, b in zip(full, cut):
         start = int(np.argmax(a.loss_mask))

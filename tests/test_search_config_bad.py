@@ -15,7 +15,7 @@ from conftest import write_search_data
 from jmerge.cli import run
 from jmerge.errors import JmergeError
 from jmerge.search import config as C
-from jmerge.search.__main__ import main
+from jmerge.cli.search import main
 
 MISSING = "/nonexistent/jmerge-test-model"
 
@@ -227,7 +227,7 @@ def test_a_yaml_1_1_float_is_read_as_a_number(files):
     cfg = config(files)
     put(cfg, "searches.coefficients.lr", "LR")
     text = dump(cfg).replace("lr: LR", "lr: 1.0e-3")
-    assert C.parse(yaml.safe_load(text)).searches["coefficients"]["lr"] == 1e-3
+    assert C.parse(yaml.safe_load(text)).searches["coefficients"].lr == 1e-3
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -292,7 +292,7 @@ def test_sft_settings_checked_together():
 def checkpointed(files, tiny_tok_dir, tiny_model_dir, tmp_path_factory):
     """A 2-step coefficient search on tiny models, checkpointed each step; the pristine
     checkpoint folder is kept aside for each test to damage a copy of."""
-    from jmerge.search.run import Job
+    from jmerge.search.run import SearchRun
     d = tmp_path_factory.mktemp("ckpt")
     cfg = config(files, base=tiny_tok_dir["chat"], experts=(tiny_model_dir("llama", 1), tiny_model_dir("llama", 2)))
     cfg["searches"] = {"coefficients": {"steps": 2, "batch_size": 2}}
@@ -300,7 +300,7 @@ def checkpointed(files, tiny_tok_dir, tiny_model_dir, tmp_path_factory):
     cfg["eval"]["suites"] = ["safety"]
     cfg["out"] = str(d / "out")
     (d / "c.yaml").write_text(dump(cfg))
-    job = Job(C.load(d / "c.yaml"), progress=False)
+    job = SearchRun(C.load(d / "c.yaml"), progress=False)
     job.coefficients(job.c.searches["coefficients"])
     ck = d / "out" / "checkpoints" / "coefficients"
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000001", "step_00000002"]
@@ -343,10 +343,10 @@ def test_damaged_checkpoint_is_one_line_saying_how_to_start_over(checkpointed, d
 
 def test_an_intact_checkpoint_resumes(checkpointed):
     """The control for the damage cases: the pristine copy restores, at its last step."""
-    from jmerge.search.run import Job
+    from jmerge.search.run import SearchRun
     d, ck = checkpointed
     shutil.rmtree(ck)
     shutil.copytree(d / "pristine", ck)
-    job = Job(C.load(d / "c.yaml"), progress=False)
+    job = SearchRun(C.load(d / "c.yaml"), progress=False)
     job.coefficients(job.c.searches["coefficients"])
     assert job.logs["coefficients"] == []  # both steps came from the checkpoint, none was run

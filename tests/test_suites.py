@@ -18,14 +18,16 @@ from conftest import data_dir, smollm2_dir, tiny_hf_config
 from jmerge import sharding as shd
 from jmerge.cli import run
 from jmerge.errors import JmergeError
+from jmerge.eval import domain as D
 from jmerge.eval import judges as J
 from jmerge.eval import model_judge as MJ
 from jmerge.eval import report as R
 from jmerge.eval import suites as S
 from jmerge.eval.prompts import Prompt
+from jmerge.eval.runtime import Runtime
 from jmerge.generate import Completion, load_tokenizer
 from jmerge.io import load_model
-from jmerge import eval_cli
+from jmerge.cli.eval import main as eval_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,8 +40,8 @@ def one_device_mesh():
 def rt(tiny_tok_dir):
     d = tiny_tok_dir["chat"]
     m = load_model(d, mesh=one_device_mesh())
-    return S.Runtime(m.cfg, m.params, load_tokenizer(d), mesh=one_device_mesh(), max_new_tokens=8,
-                     batch_size=4)
+    return Runtime(m.cfg, m.params, load_tokenizer(d), mesh=one_device_mesh(), max_new_tokens=8,
+                   batch_size=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,10 +56,10 @@ def torch_continuation_logprob(model, ctx, cont) -> float:
 
 
 MC_ITEMS = [
-    S.MCItem("q1", "Is water wet?", ("yes", "no", "maybe"), 0, "Water is a liquid at room temperature.",
+    D.MCItem("q1", "Is water wet?", ("yes", "no", "maybe"), 0, "Water is a liquid at room temperature.",
              "science"),
-    S.MCItem("q2", "Pick one", ("A", "BB"), 1, None, "misc"),
-    S.MCItem("q3", "Which colour is the sky on a clear day?", ("blue", "green", "red", "purple"), 0,
+    D.MCItem("q2", "Pick one", ("A", "BB"), 1, None, "misc"),
+    D.MCItem("q3", "Which colour is the sky on a clear day?", ("blue", "green", "red", "purple"), 0,
              None, "science"),
 ]
 
@@ -66,7 +68,7 @@ def test_mc_scores_match_torch_and_pick_the_best_choice(rt, torch_model):
     tok, oracle_model = rt.tokenizer, torch_model("llama")
     pairs, expected = [], []
     for item in MC_ITEMS:
-        ctx = tok(S.mc_context(item, tok), add_special_tokens=True)["input_ids"]
+        ctx = tok(D.mc_context(item, tok), add_special_tokens=True)["input_ids"]
         row = []
         for c in item.choices:
             cont = tok(" " + c, add_special_tokens=False)["input_ids"]
@@ -80,11 +82,11 @@ def test_mc_scores_match_torch_and_pick_the_best_choice(rt, torch_model):
 
     best = [dataclass_replace(i, answer=int(np.argmax(e))) for i, e in zip(MC_ITEMS, expected)]
     worst = [dataclass_replace(i, answer=int(np.argmin(e))) for i, e in zip(MC_ITEMS, expected)]
-    res = S.multiple_choice(None, rt, best, n_boot=200)
+    res = D.multiple_choice(None, rt, best, n_boot=200)
     assert res["accuracy"]["mean"] == 1.0 and res["n"] == 3
     assert [r["pred"] for r in res["items"]] == [i.choices[i.answer] for i in best]
     np.testing.assert_allclose(res["items"][2]["logprobs"], expected[2], rtol=1e-6, atol=0)
-    assert S.multiple_choice(None, rt, worst, n_boot=200)["accuracy"]["mean"] == 0.0
+    assert D.multiple_choice(None, rt, worst, n_boot=200)["accuracy"]["mean"] == 0.0
     # acc_norm divides by characters: recompute by hand from the oracle
     norm = [int(np.argmax(np.array(e) / [len(" " + c) for c in i.choices])) for i, e in zip(best, expected)]
     assert res["accuracy_norm"]["mean"] == pytest.approx(np.mean([n == i.answer for n, i in zip(norm, best)]))
@@ -97,11 +99,11 @@ def dataclass_replace(obj, **kw):
 
 
 def test_context_is_cut_to_the_token_budget(rt):
-    item = S.MCItem("x", "Q?", ("yes", "no"), 0, "abcdefghijklmnop")
-    assert S.mc_context(item, rt.tokenizer, 5) == "Context: abcde\nQuestion: Q?\nAnswer:"
-    assert S.mc_context(item, rt.tokenizer, 100) == "Context: abcdefghijklmnop\nQuestion: Q?\nAnswer:"
+    item = D.MCItem("x", "Q?", ("yes", "no"), 0, "abcdefghijklmnop")
+    assert D.mc_context(item, rt.tokenizer, 5) == "Context: abcde\nQuestion: Q?\nAnswer:"
+    assert D.mc_context(item, rt.tokenizer, 100) == "Context: abcdefghijklmnop\nQuestion: Q?\nAnswer:"
     with pytest.raises(JmergeError, match="budget"):
-        S.multiple_choice(None, rt, [item], context_tokens=0)
+        D.multiple_choice(None, rt, [item], context_tokens=0)
 
 
 def test_new_params_reuse_the_compiled_scorer(rt):
@@ -139,13 +141,13 @@ def test_new_params_reuse_the_compiled_scorer(rt):
     ("no digits here", None),
 ])
 def test_parse_number(text, value):
-    assert S.parse_number(text) == value
+    assert D.parse_number(text) == value
 
 
 def test_numbers_match_tolerance():
-    assert S.numbers_match(0.30000001, 0.3) and S.numbers_match(1000.05, 1000.0)  # rel 1e-4
-    assert not S.numbers_match(1000.2, 1000.0) and not S.numbers_match(None, 1.0)
-    assert S.numbers_match(1e-7, 0.0) and not S.numbers_match(1e-5, 0.0)  # abs 1e-6 near zero
+    assert D.numbers_match(0.30000001, 0.3) and D.numbers_match(1000.05, 1000.0)  # rel 1e-4
+    assert not D.numbers_match(1000.2, 1000.0) and not D.numbers_match(None, 1.0)
+    assert D.numbers_match(1e-7, 0.0) and not D.numbers_match(1e-5, 0.0)  # abs 1e-6 near zero
 
 
 class StubRuntime:
@@ -166,9 +168,9 @@ def test_numeric_exact_match_scores_parsed_answers(tmp_path):
         {"question": "Half of 3?", "answer": "1.5"},
         {"question": "GSM style", "answer": "Some steps.\n#### 1,000", "category": "gsm"},
     ]) + "\n")
-    task = S.load_domain(f)
+    task = D.load_domain(f)
     assert task.kind == "numeric" and [i.answer for i in task.items] == [4.0, 1.5, 1000.0]
-    res = S.numeric_exact_match(None, StubRuntime(["It is 4.", "I think 2", "so #### 1000"]), task.items)
+    res = D.numeric_exact_match(None, StubRuntime(["It is 4.", "I think 2", "so #### 1000"]), task.items)
     assert [r["correct"] for r in res["items"]] == [True, False, True]
     assert res["accuracy"]["mean"] == pytest.approx(2 / 3)
     assert set(res["accuracy_by_category"]) == {"gsm", J.UNCATEGORISED}
@@ -186,13 +188,13 @@ def test_domain_file_bad_input(tmp_path):
     for name, (content, message) in cases.items():
         (tmp_path / name).write_text(content)
         with pytest.raises(JmergeError, match=message):
-            S.load_domain(tmp_path / name)
+            D.load_domain(tmp_path / name)
     with pytest.raises(JmergeError, match="not found"):
-        S.load_domain(tmp_path / "missing.jsonl")
+        D.load_domain(tmp_path / "missing.jsonl")
     ok = tmp_path / "ok.jsonl"
     ok.write_text('{"question": "q", "choices": ["a", "b", "c"], "answer": "B"}\n'
                   '{"question": "r", "choices": ["a", "b"], "answer": 0, "context": "ctx"}\n')
-    task = S.load_domain(ok)
+    task = D.load_domain(ok)
     assert task.kind == "mc" and [i.answer for i in task.items] == [1, 0] and task.items[1].context == "ctx"
 
 
@@ -340,8 +342,8 @@ def test_pubmedqa_task_from_shared_data():
     data = data_dir()
     if not (data / "pubmedqa" / "ori_pqal.json").is_file():
         pytest.skip(f"PubMedQA not in {data} (set $JMERGE_DATA)")
-    task = S.load_domain("pubmedqa", data)
-    every = S.pubmedqa_task(data, split="all")
+    task = D.load_domain("pubmedqa", data)
+    every = D.pubmedqa_task(data, split="all")
     assert task.kind == "mc" and len(every.items) == 1000 and 120 < len(task.items) < 280
     assert {i.id for i in task.items} <= {i.id for i in every.items}
     item = task.items[0]
@@ -428,7 +430,7 @@ def test_cli_end_to_end(tiny_tok_dir, eval_data, rt, tmp_path, capsys):
             "--judge", model, "--judge-template", str(d / "judge.txt"),
             "--max-new-tokens", "8", "--batch-size", "4", "--bootstrap", "100", "--out", str(out),
             "--mesh", "fsdp=2,tensor=4"]
-    assert run(eval_cli.main, args) == 0, capsys.readouterr().err
+    assert run(eval_main, args) == 0, capsys.readouterr().err
     rep = json.loads((out / R.JSON_NAME).read_text())
     assert [m["name"] for m in rep["models"]] == [f"{Path(model).name}#1", f"{Path(model).name}#2"]
     a, b = (m["suites"] for m in rep["models"])
@@ -438,7 +440,7 @@ def test_cli_end_to_end(tiny_tok_dir, eval_data, rt, tmp_path, capsys):
     assert a["overrefusal"]["n"] == 2  # XSTest's safe prompts only
     assert set(a["domain"]["tasks"]) == {"mc", "num"} and a["domain"]["tasks"]["mc"]["n"] == 2
     assert a == b  # same weights, same numbers (the second model reused the first's runtime)
-    one_device = S.multiple_choice(None, rt, S.load_domain(d / "mc.jsonl").items, n_boot=100)
+    one_device = D.multiple_choice(None, rt, D.load_domain(d / "mc.jsonl").items, n_boot=100)
     for ours, ref in zip(a["domain"]["tasks"]["mc"]["items"], one_device["items"]):
         # measured: the same bits on 8 devices as on one; 1e-6 allows another summation order
         np.testing.assert_allclose(ours["logprobs"], ref["logprobs"], rtol=1e-6, atol=0)
@@ -446,7 +448,7 @@ def test_cli_end_to_end(tiny_tok_dir, eval_data, rt, tmp_path, capsys):
     assert f"| {Path(model).name}#1 |" in md and f"| {Path(model).name}#2 |" in md
     assert (out / R.PNG_NAME).read_bytes()[:8] == PNG_MAGIC
     assert not list(tmp_path.glob(".rep*"))  # no temporary left behind
-    assert run(eval_cli.main, args) == 2  # exists, no --force
+    assert run(eval_main, args) == 2  # exists, no --force
     assert "already exists" in capsys.readouterr().err
 
 
@@ -505,7 +507,7 @@ def test_cli_bad_input_one_line_exit_2(case, message, tiny_tok_dir, eval_data, s
         (tmp_path / "empty").mkdir()
         args += ["--suite", "overrefusal", "--data", str(tmp_path / "empty")]
         args.remove("--field"), args.remove("goal")
-    assert run(eval_cli.main, args) == 2
+    assert run(eval_main, args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
@@ -522,7 +524,7 @@ def test_cli_smollm2_safety_and_overrefusal(tmp_path, capsys):
     out = tmp_path / "rep"
     args = ["--models", str(d), "--suite", suites, "--limit", "8", "--max-new-tokens", "48",
             "--batch-size", "8", "--data", str(data), "--out", str(out)]
-    assert run(eval_cli.main, args) == 0, capsys.readouterr().err
+    assert run(eval_main, args) == 0, capsys.readouterr().err
     rep = json.loads((out / R.JSON_NAME).read_text())
     s = rep["models"][0]["suites"]
     gens = s["safety"]["generations"]

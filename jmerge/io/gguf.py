@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +86,6 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     rows = w.shape[0]
     half = rows // n_heads // 2
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's permutation (convert_hf_to_gguf `LlamaModel.permute`), for writing test files."""
-    rows = w.shape[0]
-    half = rows // n_heads // 2
-    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _f32_value(v):
@@ -396,6 +390,34 @@ class GGUFModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class GGUFSource:
+    """A GGUF model as a TensorSource: dequantized tensors, a few kept so per-shard callbacks
+    don't dequantize twice."""
+
+    reads_into = False  # every tensor is dequantized whole
+
+    def __init__(self, model: GGUFModel, keep_bytes: int = 1 << 30):
+        self.model, self.keep, self.cache = model, keep_bytes, OrderedDict()
+        self._names = list(model.tensor_names())
+
+    def names(self):
+        return self._names
+
+    def shape(self, name):
+        return tuple(self.model.shape(name))
+
+    def dtype(self, name):
+        return self.array(name).dtype
+
+    def array(self, name) -> np.ndarray:
+        if name not in self.cache:
+            self.cache[name] = self.model.tensor(name)
+            while sum(a.nbytes for a in self.cache.values()) > self.keep and len(self.cache) > 1:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(name)
+        return self.cache[name]
 
 
 def read_gguf(path: str | Path) -> GGUFModel:

@@ -21,11 +21,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jmerge import sharding as shd
-from jmerge.config import ModelConfig, load_config
+from jmerge.config import ModelConfig
 from jmerge.errors import JmergeError, collect, first_line
 from jmerge.io.atomic import atomic_dir
 from jmerge.io.files import loads_json, read_text, regular_file
-from jmerge.io.safetensors_io import Checkpoint, write_file
+from jmerge.io.safetensors_io import write_file
 from jmerge.models.layout import abstract_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -36,6 +36,11 @@ IGNORED = re.compile(r"rotary_emb\.inv_freq$|\.masked_bias$|\.attn\.bias$")
 
 
 class TensorSource(Protocol):
+    # True when `read_into(name, index, out)` copies tensor[index] from the file straight into
+    # `out` (a shard buffer), in the tensor's own dtype; False when tensors are computed
+    # (dequantized, adapted) and only `array` gives them.
+    reads_into: bool
+
     def names(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
     def dtype(self, name: str) -> np.dtype: ...
@@ -116,7 +121,7 @@ def load_params(src: TensorSource, cfg: ModelConfig, mesh: Mesh | None = None, d
             out = np.empty(part, tdt)
             for j, n in enumerate(picked):
                 dst = out[j] if stacked else out
-                if hasattr(src, "read_into") and np.dtype(src.dtype(n)) == tdt:
+                if src.reads_into and np.dtype(src.dtype(n)) == tdt:
                     src.read_into(n, rest, dst)  # straight from the file into the shard buffer
                 else:
                     dst[...] = src.array(n)[rest]
@@ -150,12 +155,6 @@ def check_finite(params, cfg: ModelConfig, where: str) -> None:
     if bad:
         collect([f"{n} has NaN/Inf values" for n in bad],
                 f"{where}: non-finite weights (pass --allow-nonfinite to load anyway)")
-
-
-def load_hf(path: str | Path, mesh: Mesh | None = None, dtype=None, allow_nonfinite=False,
-            progress=False) -> tuple[ModelConfig, dict]:
-    cfg = load_config(path)
-    return cfg, load_params(Checkpoint(path), cfg, mesh, dtype, allow_nonfinite, str(path), progress)
 
 
 # ---------------------------------------------------------------------------- export

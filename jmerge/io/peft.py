@@ -136,6 +136,8 @@ class LoraAdapter:
 class LoraSource:
     """Base model tensors with the adapter's deltas added (in float32, cast back to base dtype)."""
 
+    reads_into = False  # a targeted tensor is base + delta, computed whole
+
     def __init__(self, base, adapter: LoraAdapter):
         self.base, self.adapter = base, adapter
         missing = [t for t in adapter.pairs if t not in set(base.names())]

@@ -131,6 +131,8 @@ def _int_list(v) -> bool:
 class Checkpoint:
     """Tensors of a Hugging Face model directory (single file or sharded with an index)."""
 
+    reads_into = True
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not self.root.exists():

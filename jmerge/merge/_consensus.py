@@ -52,11 +52,6 @@ def combine(deltas: Sequence[jax.Array], weights: Sequence[Any], *, consensus: b
     return mixed * jnp.asarray(lam, F32)
 
 
-def disjoint_mean(deltas: Sequence[jax.Array], weights: Sequence[Any]) -> jax.Array:
-    """TIES disjoint weighted mean: sum_i w_i d_i m_i / sum_i w_i m_i over sign-agreeing models."""
-    return combine(deltas, weights, consensus=True, normalize=True)
-
-
 # ---- parameters ------------------------------------------------------------------------------
 
 def per_model(value, n: int, name: str, method: str) -> list:
@@ -72,15 +67,6 @@ def per_model(value, n: int, name: str, method: str) -> list:
     if len(vals) != n:
         raise JmergeError(f"{method}: {name!r} has {len(vals)} values for {n} models")
     return vals
-
-
-def concrete(x) -> float | None:
-    """x as a Python float when it is known now (not traced), else None."""
-    try:
-        return float(np.asarray(x))
-    except (TypeError, jax.errors.TracerArrayConversionError,
-            jax.errors.ConcretizationTypeError):
-        return None
 
 
 def gta_params(*, normalize: bool, rescale: bool, **model_extra) -> tuple[dict, dict]:

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmerge.errors import JmergeError
 
@@ -26,15 +27,6 @@ def result_dtype(base, models: Sequence[Any]):
     return jnp.asarray(base if base is not None else models[0]).dtype
 
 
-def static_params(*names: str):
-    """Mark parameters that change shapes or structure: the engine must pass them as Python
-    values (and treat them as jit-static), never as traced arrays."""
-    def wrap(fn):
-        fn.static_params = frozenset(names)
-        return fn
-    return wrap
-
-
 def concrete(x) -> float | None:
     """The Python value of `x` when it is known now, None when it is a tracer.
 
@@ -42,8 +34,8 @@ def concrete(x) -> float | None:
     control flow on traced values.
     """
     try:
-        return float(x)
-    except (jax.errors.ConcretizationTypeError, TypeError):
+        return float(np.asarray(x))
+    except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
 
 
@@ -65,10 +57,6 @@ def normalize_if_large(v: jax.Array, eps: float) -> jax.Array:
     return jnp.where(n > eps, v / jnp.where(n > eps, n, 1.0), v)
 
 
-def lerp(t, v0: jax.Array, v1: jax.Array) -> jax.Array:
-    return (1 - t) * v0 + t * v1
-
-
 def slerp_flat(t, v0: jax.Array, v1: jax.Array, dot_threshold: float = DOT_THRESHOLD,
                eps: float = 1e-8) -> jax.Array:
     """Spherical interpolation of two vectors treated as one flat direction each (mergekit slerp).
@@ -83,9 +71,13 @@ def slerp_flat(t, v0: jax.Array, v1: jax.Array, dot_threshold: float = DOT_THRES
     # gradients through jnp.where stay clean.
     theta0 = jnp.arccos(jnp.clip(jnp.where(colinear, 0.0, dot), -1.0, 1.0))
     sin0 = jnp.sin(theta0)
-    s0 = jnp.sin(theta0 - theta0 * t) / sin0
-    s1 = jnp.sin(theta0 * t) / sin0
-    return jnp.where(colinear, lerp(t, v0, v1), s0 * v0 + s1 * v1)
+    # The fallback chooses between scalar coefficients, never between two whole results: XLA:CPU
+    # compiles a select of two tensors on one flag as a branch, and whether LLVM then contracts
+    # the multiply-adds around it into FMAs depends on the rest of the program, so the stream and
+    # in-memory merges would differ by an ulp.
+    s0 = jnp.where(colinear, 1 - t, jnp.sin(theta0 - theta0 * t) / sin0)
+    s1 = jnp.where(colinear, t, jnp.sin(theta0 * t) / sin0)
+    return s0 * v0 + s1 * v1
 
 
 def slerp_rows(t, v0: jax.Array, v1: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -102,5 +94,7 @@ def slerp_rows(t, v0: jax.Array, v1: jax.Array, eps: float = 1e-8) -> jax.Array:
     # arccos has an infinite slope at ±1: feed it a harmless value where lerp is chosen, so
     # gradients through the unused branch stay finite.
     theta = jnp.arccos(jnp.where(colinear, 0.0, cos))
-    spherical = (jnp.sin((1 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / jnp.sin(theta)
-    return jnp.where(colinear, lerp(t, v0, v1), spherical)
+    # Per-vector coefficients rather than a select of two whole results (see `slerp_flat`).
+    s0 = jnp.where(colinear, 1 - t, jnp.sin((1 - t) * theta))
+    s1 = jnp.where(colinear, t, jnp.sin(t * theta))
+    return (s0 * v0 + s1 * v1) / jnp.where(colinear, 1.0, jnp.sin(theta))

@@ -81,7 +81,7 @@ def outlier_threshold(scores: jax.Array) -> jax.Array:
     return med + 1.5 * (q3 - q1)
 
 
-@register("arcee_fusion", base="required", min_models=1, max_models=1)
+@register("arcee_fusion", base="required", min_models=1, max_models=1, pair=True)
 def arcee_fusion(base, models, *, key=None):
     """θ = θ_base + Δ·1[importance ≥ median + 1.5·IQR], Δ = θ₁ − θ_base; no parameters."""
     v0, v1 = f32(base), f32(models[0])

@@ -4,7 +4,7 @@ import numpy as np
 
 from jmerge.merge._consensus import gta_merge, gta_params
 from jmerge.merge._sparsify import magnitude_outliers, mergekit_count
-from jmerge.merge.registry import register
+from jmerge.merge.registry import FRACTION, register
 
 PARAMS = gta_params(normalize=False, rescale=False, gamma=0.01)
 
@@ -21,11 +21,10 @@ def crumb_counts(params: dict, n: int) -> dict:
             for name in ("density", "gamma")}
 
 
-@register("breadcrumbs", model_params=PARAMS[0], global_params=PARAMS[1])
+@register("breadcrumbs", model_params=PARAMS[0], global_params=PARAMS[1],
+          ranges={"density": FRACTION}, host_params=crumb_counts)
 def breadcrumbs(base, models, *, key=None, **params):
     """Drop the top `gamma` fraction of |tau_i| and keep the next `density` fraction, then a
     weighted sum (divided by sum_i w_i if `normalize`), scaled by lambda."""
     return gta_merge("breadcrumbs", base, models, params, PARAMS, sparsify=crumbs)
 
-
-breadcrumbs.host_params = crumb_counts

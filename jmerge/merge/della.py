@@ -1,10 +1,10 @@
 """DELLA-Merging (Deep et al., 2406.11617): magnitude-ranked random drop + TIES consensus."""
 
 from jmerge.errors import JmergeError
-from jmerge.merge._consensus import (concrete, gta_merge, gta_params, per_model,
-                                      require_key)
+from jmerge.merge._consensus import gta_merge, gta_params, per_model, require_key
+from jmerge.merge._geometry import concrete
 from jmerge.merge._sparsify import della_magprune
-from jmerge.merge.registry import register
+from jmerge.merge.registry import FRACTION, register
 
 PARAMS = gta_params(normalize=True, rescale=True, epsilon=0.15)
 
@@ -25,7 +25,8 @@ def magprune(tv, i, p, key):
     return della_magprune(tv, p["density"][i], p["epsilon"][i], key, p["rescale"])
 
 
-@register("della", model_params=PARAMS[0], global_params=PARAMS[1], random=True)
+@register("della", model_params=PARAMS[0], global_params=PARAMS[1], stochastic=True,
+          ranges={"density": FRACTION})
 def della(base, models, *, key=None, **params):
     """Per row, keep entries with probability rising with |tau| rank from density - epsilon to
     density + epsilon (L1 norm restored if `rescale`), then TIES sign election and disjoint

@@ -4,12 +4,12 @@
 import jax
 import jax.numpy as jnp
 
-from jmerge.merge._geometry import f32, result_dtype, safe_norm, static_params
+from jmerge.merge._geometry import f32, result_dtype, safe_norm
 from jmerge.merge.registry import register
 
 
-@register("karcher", global_params={"max_iter": 10, "tol": 1e-5}, base="optional", min_models=1)
-@static_params("max_iter")
+@register("karcher", global_params={"max_iter": 10, "tol": 1e-5}, base="optional", min_models=1,
+          static=("max_iter",))
 def karcher(base, models, *, key=None, max_iter=10, tol=1e-5):
     """Equal-weight Karcher mean on the unit sphere, scaled by the mean of the input norms.
 

@@ -6,7 +6,8 @@ from jmerge.merge._geometry import check, concrete, f32, result_dtype
 from jmerge.merge.registry import register
 
 
-@register("linear", model_params={"weight": None}, global_params={"normalize": True}, base="none", elementwise=True)
+@register("linear", model_params={"weight": None}, global_params={"normalize": True}, base="none", elementwise=True,
+          divides_by_sum=True)
 def linear(base, models, *, key=None, weight, normalize=True):
     """θ = Σ wᵢ θᵢ, divided by Σ wᵢ when `normalize` (true by default). `weight` is required.
 

@@ -5,12 +5,12 @@ import itertools
 
 import jax.numpy as jnp
 
-from jmerge.merge._geometry import f32, result_dtype, safe_norm, static_params
+from jmerge.merge._geometry import f32, result_dtype, safe_norm
 from jmerge.merge.registry import register
 
 
-@register("model_stock", global_params={"filter_wise": False}, base="required", min_models=2)
-@static_params("filter_wise")
+@register("model_stock", global_params={"filter_wise": False}, base="required", min_models=2,
+          static=("filter_wise",))
 def model_stock(base, models, *, key=None, filter_wise=False):
     """c = mean over pairs of cos(τᵢ, τⱼ), τᵢ = θᵢ − θ_base; t = N·c / (1 + (N−1)·c);
     θ = t·mean(θᵢ) + (1−t)·θ_base.

@@ -8,7 +8,8 @@ from jmerge.merge.registry import register
 
 
 @register("multislerp", model_params={"weight": None},
-          global_params={"normalize_weights": True, "eps": 1e-8}, base="optional", min_models=1)
+          global_params={"normalize_weights": True, "eps": 1e-8}, base="optional", min_models=1,
+          normalize_flag="normalize_weights", divides_by_sum=True)
 def multislerp(base, models, *, key=None, weight, normalize_weights=True, eps=1e-8):
     """Weighted mean direction of the unit-normalised (task) vectors, mapped back through the
     tangent space at that mean and rescaled by the weighted mean of the input norms.

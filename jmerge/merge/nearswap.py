@@ -7,7 +7,7 @@ from jmerge.merge._geometry import check, concrete, f32, result_dtype
 from jmerge.merge.registry import register
 
 
-@register("nearswap", global_params={"t": None}, base="required", min_models=1, max_models=1)
+@register("nearswap", global_params={"t": None}, base="required", min_models=1, max_models=1, pair=True)
 def nearswap(base, models, *, key=None, t):
     """Per element w = clip(t / |θ_base − θ₁|, 0, 1) (w = 1 where they are equal);
     θ = w·θ₁ + (1−w)·θ_base. The threshold `t` is required and must be > 0 (checked when it is

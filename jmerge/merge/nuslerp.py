@@ -3,14 +3,13 @@ vectors (mergekit `nuslerp`)."""
 
 import jax.numpy as jnp
 
-from jmerge.merge._geometry import f32, result_dtype, slerp_rows, static_params
+from jmerge.merge._geometry import f32, result_dtype, slerp_rows
 from jmerge.merge.registry import register
 
 
 @register("nuslerp", model_params={"weight": None},
           global_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
-          base="optional", min_models=2, max_models=2)
-@static_params("nuslerp_flatten", "nuslerp_row_wise")
+          base="optional", min_models=2, max_models=2, static=("nuslerp_flatten", "nuslerp_row_wise"))
 def nuslerp(base, models, *, key=None, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
     """Slerp θ₁ → θ₂ at t = w₂/(w₁+w₂) (t = 0.5 when |w₁+w₂| < 1e-6).
 

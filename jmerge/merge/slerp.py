@@ -4,7 +4,7 @@ from jmerge.merge._geometry import result_dtype, slerp_flat
 from jmerge.merge.registry import register
 
 
-@register("slerp", global_params={"t": None}, base="required", min_models=1, max_models=1)
+@register("slerp", global_params={"t": None}, base="required", min_models=1, max_models=1, pair=True)
 def slerp(base, models, *, key=None, t):
     """Slerp over the whole flattened tensor: t=0 gives the base, t=1 the other model.
 

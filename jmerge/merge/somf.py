@@ -7,7 +7,8 @@ from jmerge.merge._geometry import f32, result_dtype
 from jmerge.merge.registry import register
 
 
-@register("somf", model_params={"mask": None, "weight": 1.0}, base="required", min_models=1)
+@register("somf", model_params={"mask": None, "weight": 1.0}, base="required", min_models=1,
+          paths=("mask",), needs_data=True)
 def somf(base, models, *, key=None, mask, weight=None):
     """θ = θ_safe + Σₖ λₖ·(τₖ ⊙ mₖ) / mean(mₖ), τₖ = θₖ − θ_safe, the mean over the whole tensor.
 

@@ -4,7 +4,7 @@ import numpy as np
 
 from jmerge.merge._consensus import gta_merge, gta_params
 from jmerge.merge._sparsify import magnitudes, mergekit_k
-from jmerge.merge.registry import register
+from jmerge.merge.registry import FRACTION, register
 
 PARAMS = gta_params(normalize=True, rescale=False)
 
@@ -19,12 +19,11 @@ def kept_counts(params: dict, n: int) -> dict:
     return {"density_k": tuple(np.int32(mergekit_k(d, n)) for d in params["density"])}
 
 
-@register("ties", model_params=PARAMS[0], global_params=PARAMS[1])
+@register("ties", model_params=PARAMS[0], global_params=PARAMS[1],
+          ranges={"density": FRACTION}, host_params=kept_counts)
 def ties(base, models, *, key=None, **params):
     """Trim each task vector to its top-`density` magnitudes (per tensor, exactly k kept), elect
     the sign of sum_i w_i tau_i, take the disjoint weighted mean, scale by lambda."""
     return gta_merge("ties", base, models, params, PARAMS, sparsify_all=trim, consensus=True,
                      tv_as_pair=True)
 
-
-ties.host_params = kept_counts

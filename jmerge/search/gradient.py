@@ -30,7 +30,7 @@ from jmerge import sharding as shd
 from jmerge.checkpoint import RunCheckpoint, fingerprint
 from jmerge.errors import JmergeError
 from jmerge.search.merged import materialise, merged_forward, task_vectors, weighted_ce
-from jmerge.search.params import Masks
+from jmerge.search.parametrisations import Masks
 from jmerge.search.preference import dpo_objective, preference_batches, reference_logprobs
 
 OBJECTIVES = ("ce", "dpo")

@@ -19,7 +19,7 @@ from jmerge.errors import JmergeError
 from jmerge.models import llama
 from jmerge.search.gradient import batch_loss
 from jmerge.search.merged import task_vectors, weighted_ce
-from jmerge.search.params import MethodParams
+from jmerge.search.parametrisations import MethodSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class EvolveSpec:
     bounds: tuple[float, float] = (0.0, 1.0)
 
 
-def evolve(cfg, base, experts, param: MethodParams, init: dict[str, float], batches: list[dict],
+def evolve(cfg, base, experts, param: MethodSettings, init: dict[str, float], batches: list[dict],
            spec: EvolveSpec, progress=True, log: list | None = None):
     """CMA-ES minimising the summed objective over fixed `batches`. Returns (best theta, loss)."""
     import cma

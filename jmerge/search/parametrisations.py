@@ -1,9 +1,11 @@
-"""What a gradient search learns, as merge parametrisations (see `merged.py`).
+"""What a search learns, as merge parametrisations (see `merged.py`).
 
 - `Coefficients`: AdaMerging-style θ = θ_0 + Σ_k λ_{k,ℓ[,m]} τ_k, λ per task vector × layer
   (optionally × module type), plus one λ_k for the non-layer tensors.
 - `Masks`: SOMF: per-element (or per-row) relaxed-Bernoulli masks on the task vectors,
   θ = θ_safe + Σ_k λ_k (τ_k ⊙ m)/mean(m) per tensor.
+- `MethodSettings`: per-layer parameters of a registered merge method (weight, density, t, ...),
+  searched by CMA-ES (EvoMM).
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ class Masks:
 
 
 @dataclasses.dataclass(frozen=True)
-class MethodParams:
+class MethodSettings:
     """Per-layer parameters of a registered merge method (EvoMM's genome): each decoder layer
     gets its own per-model values (e.g. weight, density) and global values (e.g. slerp's t); the
     non-layer tensors get one set. The method runs on every HF tensor inside the graph; random
@@ -192,7 +194,7 @@ class MethodParams:
 
         def leaf(path, b, *tv):
             models = [(b.astype(jnp.float32) + t).astype(b.dtype) for t in tv]
-            lkey = jax.random.fold_in(key, ids[path]) if (m.random and key is not None) else None
+            lkey = jax.random.fold_in(key, ids[path]) if (m.stochastic and key is not None) else None
             return m.fn(b, models, key=lkey, **kw).astype(b.dtype)
         return _map_with_path(leaf, base, *tvs)
 

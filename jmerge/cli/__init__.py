@@ -1,4 +1,8 @@
-"""`jmerge <command>`: one console script; each command is also `python -m jmerge.<command>`."""
+"""`jmerge <command>`: one console script; each command is also `python -m jmerge.<command>`.
+
+Each command is a thin module here (`jmerge.cli.<command>`): its parser, the checks of its flags,
+one library call and the summary it prints. What those calls do lives in the library modules.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +17,15 @@ import threading
 from jmerge.errors import JmergeError
 
 COMMANDS = {
-    "convert": ("jmerge.convert", "HF dir | .gguf | PEFT adapter -> HF dir or orbax dir"),
-    "default-model": ("jmerge.default_model", "fetch and convert the embedded SmolLM2 default"),
-    "generate": ("jmerge.generate", "generate responses to a prompt set (JSONL), batched and jitted"),
-    "eval": ("jmerge.eval_cli", "evaluate models: safety, over-refusal, domain suites -> JSON/Markdown/PNG report"),
-    "merge": ("jmerge.merge_cli", "merge models as a mergekit YAML describes -> HF dir"),
-    "check": ("jmerge.check", "check a merge config and its models before merging"),
-    "inspect": ("jmerge.inspect_cli", "task-vector norms, cosines, sign conflicts -> JSON + PNG"),
-    "data": ("jmerge.synth", "synthetic training data: jmerge data synth (refusals, benign answers, finance)"),
-    "search": ("jmerge.search.__main__", "search merge coefficients / masks on data, evaluate, report"),
+    "convert": ("jmerge.cli.convert", "HF dir | .gguf | PEFT adapter -> HF dir or orbax dir"),
+    "default-model": ("jmerge.cli.default_model", "fetch and convert the embedded SmolLM2 default"),
+    "generate": ("jmerge.cli.generate", "generate responses to a prompt set (JSONL), batched and jitted"),
+    "eval": ("jmerge.cli.eval", "evaluate models: safety, over-refusal, domain suites -> JSON/Markdown/PNG report"),
+    "merge": ("jmerge.cli.merge", "merge models as a mergekit YAML describes -> HF dir"),
+    "check": ("jmerge.cli.check", "check a merge config and its models before merging"),
+    "inspect": ("jmerge.cli.inspect", "task-vector norms, cosines, sign conflicts -> JSON + PNG"),
+    "data": ("jmerge.cli.data", "synthetic training data: jmerge data synth (refusals, benign answers, finance)"),
+    "search": ("jmerge.cli.search", "search merge coefficients / masks on data, evaluate, report"),
 }
 
 
@@ -122,10 +126,12 @@ def entry() -> None:
     leave(main(), fast=len(sys.argv) > 1 and sys.argv[1] in FAST_EXIT)
 
 
+def module_main(command: str) -> None:
+    """`python -m jmerge.<module>` for a command: the same run and exit as `jmerge <command>`."""
+    leave(run(importlib.import_module(COMMANDS[command][0]).main), fast=command in FAST_EXIT)
+
+
 def quiet_jax() -> None:
     """Keep the terminal for our progress bars and summaries, not backend chatter."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-
-if __name__ == "__main__":
-    entry()

@@ -1,0 +1,3 @@
+from jmerge.cli import entry
+
+entry()

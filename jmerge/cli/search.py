@@ -1,0 +1,34 @@
+"""`jmerge search --config X.yaml` (also `python -m jmerge.search`): the main job."""
+
+from __future__ import annotations
+
+from jmerge.cli import ArgumentParser
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="jmerge search", description="Search merge coefficients and masks on "
+                       "safety + domain data, evaluate every merge, write models and a report.")
+    p.add_argument("--config", required=True, help="search config (YAML), e.g. configs/demo.yaml")
+    p.add_argument("--out", help="override the config's output directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    from jmerge.io.atomic import check_workspace
+    from jmerge.search import config as C
+    from jmerge.search.outputs import search_inputs
+    from jmerge.search.run import run as run_search
+    cfg = C.load(a.config)
+    if a.out:
+        import dataclasses
+        from pathlib import Path
+        cfg = dataclasses.replace(cfg, out=Path(a.out))
+    # before the models load
+    check_workspace(cfg.out, [a.config, *search_inputs(cfg)], data_dirs=[cfg.eval.data])
+    report = run_search(cfg, progress=not a.quiet)
+    from jmerge.eval.report import markdown
+    print(markdown(report))
+    print(f"\nreport: {cfg.out / 'report'}")
+    return 0

@@ -1,0 +1,78 @@
+"""The search job's evaluation: the prompt sets and domain tasks of the config's eval section,
+and every model through the suites with one compiled runtime."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import TYPE_CHECKING
+
+from jmerge.errors import JmergeError
+from jmerge.search.outputs import slug
+from jmerge.search.settings import EvalSettings
+
+if TYPE_CHECKING:
+    from jmerge.search.run import SearchRun
+
+
+def eval_sets(ev: EvalSettings) -> tuple[dict, str | None, list]:
+    """(prompt sets by suite, where the over-refusal prompts came from, domain tasks) of the
+    config's eval section, read and cut to its limit."""
+    from jmerge.eval import prompts as P
+    from jmerge.eval import suites as S
+    from jmerge.eval.domain import load_domain
+    limit = ev.limit
+    sets = {}
+    if "safety" in ev.suites:
+        sets["safety"] = S.harmful_prompts(ev.harmful, ev.data, limit)
+    over_source = None
+    if "overrefusal" in ev.suites:
+        # XSTest's safe prompts when the data is there (dev data, not shipped); else `benign`.
+        data_dir = ev.data or os.environ.get("JMERGE_DATA")
+        try:
+            xs, over_source = P.load_xstest(data_dir), "xstest"
+        except JmergeError:
+            if ev.benign is None:
+                raise
+            xs, over_source = _benign(ev.benign), str(ev.benign)
+        sets["overrefusal"] = S.safe_prompts(xs)[:limit]
+    tasks = []
+    if "domain" in ev.suites:
+        if ev.domain is None:
+            raise JmergeError("eval.domain: the domain suite needs a JSONL file of held-out items")
+        task = load_domain(ev.domain, ev.data)
+        tasks = [dataclasses.replace(task, items=task.items[:limit])]
+    return sets, over_source, tasks
+
+
+def evaluate(job: SearchRun, models: list[tuple[str, dict, dict]], prepared: tuple) -> dict:
+    """Every model through the eval suites with one Runtime: compiled once, params swapped.
+    `prepared`: what `eval_sets` returned for the job's config."""
+    from jmerge.eval import suites as S
+    from jmerge.eval.runtime import Runtime
+    ev = job.c.eval
+    sets, over_source, tasks = prepared
+    rt = Runtime(job.model_cfg, job.base, job.tokenizer, mesh=job.mesh, max_new_tokens=ev.max_new_tokens,
+                 batch_size=ev.batch_size, progress=False)
+    from tqdm.auto import tqdm
+    entries = []
+    for name, params, info in tqdm(models, desc="evaluate", unit="model", disable=not job.progress):
+        suites = S.run_suites(params, rt, {**sets, "domain": tasks} if tasks else sets)
+        entries.append(dict(name=name, path=str(job.out / "models" / slug(name)) if name.startswith("searched:") else "",
+                            info=info, suites=suites))
+    settings = dict(config=str(job.c.source), eval={k: str(v) for k, v in ev.to_json().items()},
+                    overrefusal_set=over_source, searches={k: s.to_json() for k, s in job.c.searches.items()},
+                    data={k: [str(v.path), v.weight, v.source] for k, v in job.c.data.items()})
+    return dict(created=time.strftime("%Y-%m-%dT%H:%M:%S"), settings=settings, models=entries)
+
+
+def _benign(spec) -> list:
+    """`builtin`: the held-out part of the code-generated benign set (jmerge.synth), which the
+    testbed trains on only through its train split; otherwise a prompt file."""
+    from jmerge.eval import prompts as P
+    if spec != "builtin":
+        return P.load_prompts(str(spec))
+    from jmerge.synth import benign_prompts
+    texts = [t for t in benign_prompts() if P.in_test_split(t, 0.2)]
+    return [P.Prompt(text=t, source="benign", id=f"benign:{i}") for i, t in enumerate(texts)]

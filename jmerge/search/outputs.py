@@ -1,0 +1,104 @@
+"""What a search job writes into its output directory:
+
+    models/<name>/          merged HF directories (searched merges)
+    params/<name>.json      learnt coefficients / weights; params/masks.safetensors (SOMF)
+    checkpoints/<search>/   resumable state (kill -9 and rerun continues; written by the searches)
+    report/                 report.json, report.md, safety_vs_domain.png, loss_curves.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from jmerge.search.parametrisations import Masks
+from jmerge.search.settings import SearchConfig
+
+if TYPE_CHECKING:
+    from jmerge.search.run import SearchRun
+
+
+def save_masks(out: Path, theta, param: Masks) -> None:
+    """Keep probabilities σ(logits) per HF tensor name (mask 0 when masks are shared), as
+    float32 safetensors that the `somf` merge method reads (row masks have shape [out, 1]), in
+    `out`/params/masks.safetensors."""
+    from jmerge.io.hf import host_array
+    from jmerge.io.safetensors_io import write_file
+    probs = param.probabilities(theta)
+    items, arrays = [], []
+    for part, stacked in (("layers", True), ("rest", False)):
+        for j, tree in enumerate(probs[part]):
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                path = ".".join(k.key for k in p)
+                x = host_array(x).astype(np.float32)  # a gather every process joins
+                for i, slab in enumerate(x if stacked else [x]):
+                    name = f"model.layers.{i}.{path}" if stacked else path
+                    items.append((f"{j}/{name}" if len(probs[part]) > 1 else name, slab.dtype, slab.shape))
+                    arrays.append(slab)
+    if jax.process_index() != 0:
+        return
+    dest = out / "params"
+    dest.mkdir(parents=True, exist_ok=True)
+    write_file(dest / ".masks.safetensors.tmp", items, arrays, {"format": "jmerge-somf-mask"})
+    (dest / ".masks.safetensors.tmp").replace(dest / "masks.safetensors")
+
+
+def slug(name: str) -> str:
+    """A model's directory and params file name: its report name without the kind prefix."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.split(":", 1)[-1])
+
+
+def search_inputs(cfg: SearchConfig) -> list:
+    """Every path a search reads but its eval data directory: its output directory must not be,
+    hold or lie inside any."""
+    ev = [cfg.eval.harmful, cfg.eval.domain, cfg.eval.benign]
+    return [cfg.source, cfg.base, *cfg.experts.values(), *(d.path for d in cfg.data.values()), *ev]
+
+
+def write_outputs(job: SearchRun, report: dict) -> None:
+    from jmerge.eval.report import write_report
+    from jmerge.io import hf
+    from jmerge.io.atomic import atomic_dir, check_workspace
+    out = check_workspace(job.out, search_inputs(job.c), data_dirs=[job.c.eval.data])
+    lead = jax.process_index() == 0  # every process joins the gathers of save_hf; one writes files
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    (out / "params").mkdir(parents=True, exist_ok=True)
+    for name, r in job.results.items():
+        hf.save_hf(r["params"], job.model_cfg, out / "models" / slug(name), force=True,
+                   tokenizer_writer=job.write_tokenizer)
+        if lead:
+            (out / "params" / f"{slug(name)}.json").write_text(json.dumps(r["info"], indent=1, default=float))
+    if not lead:
+        return
+    with atomic_dir(out / "report", force=True, inputs=search_inputs(job.c),
+                    data_dirs=[job.c.eval.data]) as tmp:
+        write_report(report, tmp)
+        _loss_curves(job.logs, tmp / "loss_curves.png")
+
+
+def _loss_curves(logs: dict[str, list], path: Path) -> None:
+    curves = {k: v for k, v in logs.items() if v}
+    if not curves:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.4), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], curves.items()):
+        if "loss" in rows[0]:
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+            ax.set_xlabel("step")
+        else:
+            ax.plot([r["generation"] for r in rows], [r["best"] for r in rows], label="best")
+            ax.plot([r["generation"] for r in rows], [r["mean"] for r in rows], label="mean")
+            ax.set_xlabel("generation")
+            ax.legend()
+        ax.set_title(name)
+        ax.set_ylabel("objective")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
