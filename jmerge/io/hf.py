@@ -27,6 +27,7 @@ from jmerge.io.atomic import atomic_dir
 from jmerge.io.files import loads_json, read_text, regular_file
 from jmerge.io.safetensors_io import write_file
 from jmerge.models.layout import abstract_params
+from jmerge.progress import bar as progress_bar
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -107,7 +108,7 @@ def load_params(src: TensorSource, cfg: ModelConfig, mesh: Mesh | None = None, d
     mesh = mesh or shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     leaves = leaf_paths(cfg)
     out: dict = {}
-    bar = _bar(len(leaves), progress, "load")
+    bar = progress_bar(len(leaves), progress, "load")
     for path, a in leaves.items():
         names = leaf_names(path, cfg)
         stacked = path[:2] == ("model", "layers")
@@ -201,7 +202,7 @@ def save_hf(params, cfg: ModelConfig, out: str | Path, *, max_shard_size: str | 
     layout = hf_layout(cfg)
     items = [(n, dtypes[n], layout[n]) for n in layout]
     writer = jax.process_index() == 0
-    bar = _bar(len(items), progress, "save")
+    bar = progress_bar(len(items), progress, "save")
 
     def stream():
         for _, a in iter_hf_tensors(params, cfg, dtype):
@@ -370,11 +371,6 @@ def _jinja_env():
     # The options transformers renders chat templates with (trim/lstrip blocks, loop controls).
     return jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, GenerationBlocks])
-
-
-def _bar(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
 
 
 def summary(params) -> tuple[int, int]:
