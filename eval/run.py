@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from jmerge import distributed
 from jmerge.errors import JmergeError
 from jmerge.eval import suites as S
 from jmerge.eval.domain import DEFAULT_CONTEXT_TOKENS, DomainTask, load_domain
@@ -161,7 +162,8 @@ def evaluate_models(o: EvalOptions, on_model=None) -> tuple[Path, dict]:
     from jmerge.eval.report import write_report
     from jmerge.io.atomic import atomic_dir
     with atomic_dir(out, o.force, inputs=_inputs(o), data_dirs=_data_dirs(o)) as tmp:
-        files = write_report(report, tmp)
+        # every process holds the same report; one writes it
+        files = write_report(report, tmp) if distributed.is_lead() else {}
     return out, files
 
 

@@ -108,7 +108,7 @@ class Runtime:
             lp = _tail_logprobs_jit(self.generator.params, jax.device_put(ids, sharding),
                                     jax.device_put(mask, sharding), jax.device_put(target, sharding),
                                     cfg=self.cfg, k=k)
-            lp = np.asarray(jax.device_get(lp), np.float64)
+            lp = shd.host_value(lp).astype(np.float64)
             for r, i in enumerate(batch):
                 out[i] = lp[r]
         return out

@@ -46,20 +46,19 @@ class RunCheckpoint:
         """orbax's save is collective (each process writes its own shards and orbax finalises the
         directory atomically); clearing a stale directory, the step pointer and pruning are done
         once, by process 0, between barriers."""
-        from jax.experimental.multihost_utils import sync_global_devices
-
+        from jmerge.distributed import barrier
         from jmerge.io.orbax_io import _save
         final = self.root / f"step_{step:08d}"
         lead = jax.process_index() == 0
         if lead:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(final, ignore_errors=True)  # a crash after writing it, before the pointer
-        sync_global_devices(f"jmerge checkpoint {step} cleared")
+        barrier(f"checkpoint {step} cleared")
         _save(final, state)
-        sync_global_devices(f"jmerge checkpoint {step} written")
+        barrier(f"checkpoint {step} written")
         if lead:
             self._publish(step)
-        sync_global_devices(f"jmerge checkpoint {step} done")
+        barrier(f"checkpoint {step} done")
 
     def _publish(self, step: int) -> None:
         meta = self.root / "meta.json.tmp"

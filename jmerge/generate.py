@@ -249,7 +249,7 @@ class Generator:
                 eos, cfg=self.cfg, max_new=self.max_new_tokens, greedy=s.greedy,
                 top_k=s.top_k, use_top_p=s.top_p < 1.0)
             self._return_cache(rows, cache_len, cache)
-            out = np.asarray(jax.device_get(out))
+            out = shd.host_value(out)
             for r, i in enumerate(batch):
                 results[i] = self._finish(out[r])
         return results

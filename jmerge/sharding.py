@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jmerge.errors import JmergeError
+from jmerge.errors import JmergeError, first_line
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -31,9 +31,10 @@ LLAMA_RULES: list[tuple[str, P]] = [
 ]
 
 
-def parse_mesh_spec(spec: str | None) -> dict[str, int]:
-    """'fsdp=4,tensor=2' -> sizes per axis; one axis may be -1 (= the remaining devices)."""
-    n = jax.device_count()
+def parse_mesh_spec(spec: str | None, n: int | None = None) -> dict[str, int]:
+    """'fsdp=4,tensor=2' -> sizes per axis for n devices (default: all); one axis may be -1 (=
+    the remaining devices)."""
+    n = jax.device_count() if n is None else n
     if not spec:
         return {"data": 1, "fsdp": n, "tensor": 1}
     sizes = {a: 1 for a in AXES}
@@ -58,12 +59,63 @@ def parse_mesh_spec(spec: str | None) -> dict[str, int]:
 
 
 def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
-    sizes = spec if isinstance(spec, dict) else parse_mesh_spec(spec)
-    n = math.prod(sizes[a] for a in AXES)
-    devs = np.asarray(devices if devices is not None else jax.devices()[:n])
+    """The mesh of a spec (a string sized to `devices`, or axis sizes) over `devices` (default:
+    every device; a dict of sizes needing fewer takes the first ones, a sub-mesh). Within a
+    slice the device order follows the interconnect (`jax.make_mesh`); across the slices of a
+    multi-slice TPU pod `data` is the outer axis, so only data-parallel traffic crosses the slow
+    network. No spec: fsdp over all devices, or over each slice with data over the slices."""
+    devs = list(devices) if devices is not None else jax.devices()
+    sizes = mesh_sizes(spec, devs)
+    shape = tuple(sizes[a] for a in AXES)
+    if math.prod(shape) > len(devs):
+        raise JmergeError(f"a mesh of {math.prod(shape)} devices needs more than the {len(devs)} given")
+    devs = devs[: math.prod(shape)]
     # Auto axes: XLA propagates shardings through the model; no per-op annotations needed.
-    return Mesh(devs.reshape(tuple(sizes[a] for a in AXES)), AXES,
-                axis_types=(AxisType.Auto,) * len(AXES))
+    types = (AxisType.Auto,) * len(AXES)
+    try:
+        if _slices(devs) == 1:
+            return jax.make_mesh(shape, AXES, axis_types=types, devices=devs)
+        return Mesh(slice_grid(shape, devs), AXES, axis_types=types)
+    except ValueError as e:  # the interconnect cannot be cut into this shape (TPU topologies)
+        raise JmergeError(f"mesh {dict(zip(AXES, shape))}: {first_line(e)}") from None
+
+
+def mesh_sizes(spec: str | dict | None, devices) -> dict[str, int]:
+    """Axis sizes of a spec over `devices` (see make_mesh)."""
+    if isinstance(spec, dict):
+        return spec
+    slices = _slices(devices)
+    if not spec and slices > 1:
+        return {"data": slices, "fsdp": len(devices) // slices, "tensor": 1}
+    return parse_mesh_spec(spec, len(devices))
+
+
+def _slices(devices) -> int:
+    """TPU slices (joined by the slow data-centre network). GPU hosts, which jax also gives slice
+    indices, count as one: fsdp across GPU nodes is the usual layout and stays allowed."""
+    return len({getattr(d, "slice_index", 0) for d in devices if getattr(d, "platform", "") == "tpu"}) or 1
+
+
+def split_over_slices(shape: tuple[int, ...], slices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(within a slice, across slices) for a mesh over `slices` equal slices: the data axis (the
+    first) is split, the others stay inside every slice."""
+    if shape[0] % slices:
+        raise JmergeError(f"the devices span {slices} slices: the mesh's data axis ({shape[0]}) must be "
+                          f"a multiple of {slices} (e.g. --mesh data={slices},fsdp=-1)")
+    return (shape[0] // slices, *shape[1:]), (slices, *(1 for _ in shape[1:]))
+
+
+def slice_grid(shape: tuple[int, ...], devices) -> np.ndarray:
+    """Devices of several slices as an array of `shape`, the data axis outermost over slices."""
+    from jax.experimental import mesh_utils
+    per = {}
+    for d in devices:
+        per.setdefault(d.slice_index, []).append(d)
+    if len({len(v) for v in per.values()}) > 1:
+        counts = ", ".join(f"slice {k}: {len(v)}" for k, v in sorted(per.items()))
+        raise JmergeError(f"the mesh's devices are spread unevenly over slices ({counts}); use whole slices")
+    inner, outer = split_over_slices(shape, len(per))
+    return mesh_utils.create_hybrid_device_mesh(inner, outer, devices)
 
 
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -100,3 +152,13 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def host_value(x) -> np.ndarray:
+    """One array's whole value on every process: small results (generated tokens, a batch's
+    scores, λ), or one tensor at a time of an export, never a model. An array sharded across
+    processes cannot be read directly; every process must make this call."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jmerge import distributed
 from jmerge.errors import JmergeError, collect
 from jmerge.io.files import dumps_json
 
@@ -155,6 +156,7 @@ def inspect(base: str, models: list[str], out: str | Path, config_dir: Path = Pa
     ms = [open_model(m, config_dir) for m in models]
     report = analyse(b, ms)
     with atomic_dir(out, force, inputs=inputs) as tmp:
-        (tmp / "report.json").write_text(dumps_json(report, indent=2))  # NaN -> null: strict JSON
-        plot(report, tmp / "heatmap.png")
+        if distributed.is_lead():  # every process computed the same report; one writes it
+            (tmp / "report.json").write_text(dumps_json(report, indent=2))  # NaN -> null: strict JSON
+            plot(report, tmp / "heatmap.png")
     return report

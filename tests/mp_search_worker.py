@@ -8,7 +8,7 @@ import numpy as np
 
 from jmerge import data, sharding
 from jmerge.io import load_model
-from jmerge.io.hf import host_array
+from jmerge.sharding import host_value
 from jmerge.search.gradient import GradientSearch, SearchSpec
 from jmerge.search.parametrisations import Coefficients
 
@@ -41,17 +41,22 @@ def search(model_dirs: list[str], ckpt_dir: str) -> dict:
     s = fresh().fit(typed, ckpt_dir=ckpt_dir, progress=False, log=log)
     again = fresh().fit(typed, ckpt_dir=ckpt_dir, progress=False)  # restores step 4: no step runs
     assert again.step == spec.steps
-    return {"layers": host_array(s.theta["layers"]), "rest": host_array(s.theta["rest"]),
-            "restored": host_array(again.theta["layers"]), "loss": np.array([r["loss"] for r in log])}
+    return {"layers": host_value(s.theta["layers"]), "rest": host_value(s.theta["rest"]),
+            "restored": host_value(again.theta["layers"]), "loss": np.array([r["loss"] for r in log])}
 
 
-if __name__ == "__main__":
+def pair_main(search_fn) -> None:
+    """One process of a pair: argv is port, process id, output .npz, checkpoint dir, model dirs."""
     import jax
 
     from jmerge import distributed
     port, pid, out, ckpt, *dirs = sys.argv[1:]
-    distributed.initialize(f"127.0.0.1:{port}", 2, int(pid))
+    distributed.start({"coordinator": f"127.0.0.1:{port}", "num_processes": 2, "process_id": pid})
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
-    got = search(dirs, ckpt)
+    got = search_fn(dirs, ckpt)
     if jax.process_index() == 0:
         np.savez(out, **got)
+
+
+if __name__ == "__main__":
+    pair_main(search)

@@ -10,7 +10,7 @@ from jmerge.io import load_model
 from jmerge.models import llama
 
 model_dir, port, pid, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-distributed.initialize(f"127.0.0.1:{port}", 2, pid)
+distributed.start({"coordinator": f"127.0.0.1:{port}", "num_processes": 2, "process_id": pid})
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 m = load_model(model_dir, mesh=sharding.make_mesh("fsdp=4,tensor=2"))
 q = m.params["model"]["layers"]["self_attn"]["q_proj"]["weight"]

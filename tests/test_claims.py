@@ -529,7 +529,7 @@ def test_searches_agree_on_one_device_and_on_a_3d_mesh(tiny_model_dir):
     from mp_search_worker import examples
 
     from jmerge import sharding
-    from jmerge.io.hf import host_array
+    from jmerge.sharding import host_value
     from jmerge.search.gradient import GradientSearch, SearchSpec
     from jmerge.search.parametrisations import Coefficients, Masks
     typed = {"a": (examples(97, 8, 0), 1.0), "b": (examples(97, 8, 1), 0.5)}
@@ -545,8 +545,8 @@ def test_searches_agree_on_one_device_and_on_a_3d_mesh(tiny_model_dir):
         m = GradientSearch(base.cfg, b.params, [a.params], masks, SearchSpec(steps=3, lr=0.1, batch_size=4),
                            masks.theta0(b.params))
         m.fit(typed, progress=False, log=m_log)
-        results[mesh] = dict(lam=host_array(c.theta["layers"]), lam_rest=host_array(c.theta["rest"]),
-                             logits=np.concatenate([host_array(x).ravel() for x in jax.tree.leaves(m.theta)]),
+        results[mesh] = dict(lam=host_value(c.theta["layers"]), lam_rest=host_value(c.theta["rest"]),
+                             logits=np.concatenate([host_value(x).ravel() for x in jax.tree.leaves(m.theta)]),
                              c_loss=np.array([r["loss"] for r in c_log]), m_loss=np.array([r["loss"] for r in m_log]))
     one = results.pop(None)
     assert np.abs(one["lam"] - 0.5).max() > 0.05 and np.abs(one["logits"]).max() > 0.1  # they did move

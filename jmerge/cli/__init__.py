@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 
+from jmerge import distributed
 from jmerge.errors import JmergeError
 
 COMMANDS = {
@@ -58,6 +59,22 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def _quiet_unless_lead():
+    """Summaries, logs and progress bars once, from process 0. The others are silent until
+    their command ends; then `run` still says on each how it ended (its error line)."""
+    if distributed.is_lead():
+        yield
+        return
+    saved = sys.stdout, sys.stderr
+    with open(os.devnull, "w") as sink:
+        sys.stdout = sys.stderr = sink
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= 300 else text[:297] + "..."
@@ -65,10 +82,15 @@ def _one_line(e: BaseException) -> str:
 
 def run(main, argv=None) -> int:
     """Run a command's main; user errors become one line on stderr and exit code 2, SIGTERM and
-    Ctrl-C clean up and exit 143 / 130, a bug is one line too (JMERGE_DEBUG=1: the traceback)."""
+    Ctrl-C clean up and exit 143 / 130, a bug is one line too (JMERGE_DEBUG=1: the traceback).
+    It first joins the run's other processes, if any (`jmerge.distributed`); only process 0
+    prints along the way."""
     try:
         with _sigterm_as_interrupt():
-            return main(argv) or 0
+            argv, given = distributed.take_flags(list(sys.argv[1:] if argv is None else argv))
+            distributed.start(given)
+            with _quiet_unless_lead():
+                return main(argv) or 0
     except JmergeError as e:
         sys.stderr.write(f"jmerge: error: {e}\n")
         return e.exit_code
@@ -91,7 +113,10 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {doc}" for name, (_, doc) in COMMANDS.items()]
-        print("usage: jmerge <command> [args]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: jmerge <command> [args]\n\ncommands:\n" + "\n".join(lines) + "\n\n"
+              "every command also takes --coordinator HOST:PORT --num-processes N --process-id I "
+              "(or JMERGE_COORDINATOR, JMERGE_NUM_PROCESSES, JMERGE_PROCESS_ID) for a multi-process "
+              "run; TPU pods, SLURM and Open MPI need none")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
@@ -114,6 +139,7 @@ def leave(rc: int, fast: bool = False) -> None:
     command always leaves fast: its one line is said and nothing is left to write, while library
     threads torn down with the interpreter (tensorstore's event loop after a failed orbax read)
     can print tracebacks of their own."""
+    distributed.finish()
     if fast or rc != 0:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from jmerge import engine
+from jmerge import distributed, engine
 from jmerge.cli import ArgumentParser
 
 
@@ -21,6 +21,7 @@ def parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    distributed.check_same_files([a.config])
     c = engine.check(a.config, scan_values=not a.no_scan, lenient=a.lenient)
     for w in c.plan.warnings + c.warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from jmerge import distributed
 from jmerge.cli import ArgumentParser, quiet_jax
 
 
@@ -46,6 +47,7 @@ def persistent_compile_cache():
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     quiet_jax()
+    distributed.check_same_files([a.config])
     export_cache = persistent_compile_cache()
     from jmerge import sharding
     from jmerge.engine import MergeOptions, merge

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jmerge import distributed
 from jmerge.cli import ArgumentParser
 
 
@@ -27,8 +28,18 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, out=Path(a.out))
     # before the models load
     check_workspace(cfg.out, [a.config, *search_inputs(cfg)], data_dirs=[cfg.eval.data])
+    distributed.check_same_files([a.config, *_data_files(cfg)])
     report = run_search(cfg, progress=not a.quiet)
     from jmerge.eval.report import markdown
     print(markdown(report))
     print(f"\nreport: {cfg.out / 'report'}")
     return 0
+
+
+def _data_files(cfg) -> list:
+    """What every process must read alike: the training data and the eval sets (not the models:
+    hashing a 70B at start-up would cost minutes; their headers are checked when they load)."""
+    import os
+    ev = cfg.eval
+    return [*(d.path for d in cfg.data.values()), ev.harmful, ev.domain, ev.benign,
+            ev.data or os.environ.get("JMERGE_DATA")]

@@ -45,6 +45,19 @@ def refuse_nonfinite_output(p: Prepared, names: list[str]) -> None:
     p.warnings.append(f"the merged {names[0]}{more} has NaN/Inf values (written: --allow-nonfinite)")
 
 
+def refuse_nonfinite(p: Prepared, found: list[dict]) -> None:
+    """What one process streaming the whole merge says about the non-finite tensors that all the
+    processes found (each: {"inputs": [[position in HF order, "model: tensor"], ...], "outputs":
+    [[position, tensor], ...]}): the first non-finite output alone when no non-finite input comes
+    at or before it (where that process stops), otherwise every input, then every output."""
+    ins = sorted((tuple(x) for f in found for x in f["inputs"]), key=lambda x: x[0])
+    outs = sorted(tuple(x) for f in found for x in f["outputs"])
+    if outs and not p.allow_nonfinite and not any(pos <= outs[0][0] for pos, _ in ins):
+        refuse_nonfinite_output(p, [outs[0][1]])
+    refuse_nonfinite_inputs(p, [b for _, b in ins])
+    refuse_nonfinite_output(p, [n for _, n in outs])
+
+
 def flag_rows(flags) -> tuple[np.ndarray, bool]:
     """(finiteness of each input, of the output) from per_tensor's flags."""
     flags = np.asarray(flags)

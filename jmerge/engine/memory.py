@@ -215,7 +215,9 @@ def load_inputs(p: Prepared, groups: list[Group], mesh: Mesh, progress: bool = F
             continue
         job = p.jobs[g.names[0]]
         for ref, x in zip(job.inputs, job_inputs(p, job)):
-            inputs[ref]["named"][g.names[0]] = jax.device_put(x, NamedSharding(mesh, P()))
+            # not device_put: across processes it compares the copies, and NaN != NaN
+            inputs[ref]["named"][g.names[0]] = jax.make_array_from_callback(
+                x.shape, NamedSharding(mesh, P()), lambda index, x=x: x[index])
     return inputs
 
 
@@ -226,7 +228,8 @@ def memory_params(p: Prepared, mesh: Mesh, *, seed: int, progress: bool = False)
     gp = [group_params(p, g, seed) for g in groups]
     merged, finite = merge_arrays(p, groups, inputs, [x[0] for x in gp], [x[1] for x in gp], mesh, progress)
     bad, bad_out = [], {}
-    for g, fin in zip(groups, jax.device_get(finite)):
+    # few bytes, but split over the layers like the group (across processes: gathered)
+    for g, fin in zip(groups, map(shd.host_value, finite)):
         fin = np.asarray(fin).reshape(len(g.names), -1)
         for row, name in zip(fin, g.names):
             ins, out_ok = flag_rows(row)

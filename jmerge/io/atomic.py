@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from jmerge import distributed
 from jmerge.errors import JmergeError
 
 # Seconds to wait with a finished temporary output, before its rename: a window in which tests
@@ -207,9 +208,17 @@ def _disk_full(e: BaseException, out: Path) -> None:
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, force: bool = False, inputs=(), data_dirs=()):
     """Yield a temporary directory beside `out`; on success it replaces `out` in one rename. On
-    any failure (an interrupt too) the temporary directory goes and an old `out` stays as it was."""
+    any failure (an interrupt too) the temporary directory goes and an old `out` stays as it was.
+
+    With several processes every one of them gets the directory (each may write its own files
+    into it, on a filesystem they share), but only process 0 checks the target, creates, renames
+    or removes anything, between barriers; a failure on any process fails all of them."""
+    if distributed.count() > 1:
+        with _collective_dir(out, force, inputs, data_dirs) as tmp:
+            yield tmp
+        return
     out = check_target(out, force, inputs, data_dirs=data_dirs)
-    tmp = out.parent / f".{out.name}.tmp"
+    tmp = _tmp_dir(out)
     _remove(tmp)  # left by a run that was killed outright
     try:
         tmp.mkdir()
@@ -223,10 +232,68 @@ def atomic_dir(out: str | Path, force: bool = False, inputs=(), data_dirs=()):
         raise
 
 
+def _tmp_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp"
+
+
+@contextlib.contextmanager
+def _collective_dir(out, force, inputs, data_dirs):
+    def create():
+        target = check_target(out, force, inputs, data_dirs=data_dirs)
+        _remove(_tmp_dir(target))  # left by a run that was killed outright
+        _tmp_dir(target).mkdir()
+        return target
+    target = distributed.on_lead(f"{out} created", create) or Path(out)
+    tmp = _tmp_dir(target)
+    try:
+        with _together(f"{out} written"):
+            yield tmp
+            _hold_for_tests()
+        if distributed.is_lead():
+            with _signals_deferred():
+                _swap(tmp, target)
+        distributed.barrier(f"{out} in place")
+    except BaseException as e:
+        if distributed.is_lead():
+            _remove(tmp)
+            _disk_full(e, target)
+        raise
+
+
+@contextlib.contextmanager
+def _together(what: str):
+    """The body's outcome shared with the other processes: a JmergeError on any of them is
+    raised on all; an interrupt or a bug is told to them (they stop too) and goes on here at once."""
+    error = None
+    try:
+        yield
+    except JmergeError as e:
+        error = e
+    except BaseException as e:
+        distributed.announce(what, JmergeError(f"stopped ({type(e).__name__})"))
+        raise
+    distributed.raise_any(what, error)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, force: bool = False, inputs=(), data_dirs=(), encoding: str = "utf-8"):
     """Yield a text file open on a temporary sibling of `path`; on success it replaces `path` in
-    one rename, on failure it is removed and an old `path` stays as it was."""
+    one rename, on failure it is removed and an old `path` stays as it was. With several
+    processes, process 0 writes the file and the others write into nothing."""
+    if distributed.count() == 1:
+        with _local_file(path, force, inputs, data_dirs, encoding) as f:
+            yield f
+        return
+    distributed.on_lead(f"{path} checked",
+                        lambda: check_target(path, force, inputs, kind="file", data_dirs=data_dirs))
+    with (_local_file(path, True, (), (), encoding) if distributed.is_lead()
+          else open(os.devnull, "w", encoding=encoding)) as f, _together(f"{path} written"):
+        yield f
+    distributed.barrier(f"{path} in place")
+
+
+@contextlib.contextmanager
+def _local_file(path, force, inputs, data_dirs, encoding):
     path = check_target(path, force, inputs, kind="file", data_dirs=data_dirs)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jmerge import sharding as shd
+from jmerge import distributed, sharding as shd
 from jmerge.config import ModelConfig
 from jmerge.errors import JmergeError, collect, first_line
 from jmerge.io.atomic import atomic_dir
@@ -160,14 +160,6 @@ def check_finite(params, cfg: ModelConfig, where: str) -> None:
 
 # ---------------------------------------------------------------------------- export
 
-def host_array(x) -> np.ndarray:
-    """A full host copy of one (possibly multi-process sharded) array."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def iter_hf_tensors(params, cfg: ModelConfig, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, host array) in HF order, one tensor in host memory at a time."""
     flat = {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -177,7 +169,7 @@ def iter_hf_tensors(params, cfg: ModelConfig, dtype=None) -> Iterator[tuple[str,
             index[n] = (path, i if path[:2] == ("model", "layers") else None)
     for name in hf_layout(cfg):
         path, i = index[name]
-        a = host_array(flat[path] if i is None else flat[path][i])
+        a = shd.host_value(flat[path] if i is None else flat[path][i])
         yield name, a if dtype is None else a.astype(dtype)
 
 
@@ -193,7 +185,9 @@ def parse_size(s: str | int) -> int:
 def save_hf(params, cfg: ModelConfig, out: str | Path, *, max_shard_size: str | int = "5GB",
             dtype=None, extra_from: str | Path | None = None, force: bool = False,
             progress: bool = False, tokenizer_writer=None) -> Path:
-    """Write an HF model directory transformers loads: sharded safetensors + index + config."""
+    """Write an HF model directory transformers loads: sharded safetensors + index + config.
+    With several processes every one calls it: each tensor is gathered to every host in turn
+    (one at a time), each process writes its own files (`write_shards`), process 0 the rest."""
     flat = {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     dtypes = {}
     for path, x in flat.items():
@@ -201,7 +195,7 @@ def save_hf(params, cfg: ModelConfig, out: str | Path, *, max_shard_size: str | 
             dtypes[n] = np.dtype(dtype) if dtype is not None else np.dtype(x.dtype)
     layout = hf_layout(cfg)
     items = [(n, dtypes[n], layout[n]) for n in layout]
-    writer = jax.process_index() == 0
+    writer = distributed.is_lead()
     bar = progress_bar(len(items), progress, "save")
 
     def stream():
@@ -210,7 +204,7 @@ def save_hf(params, cfg: ModelConfig, out: str | Path, *, max_shard_size: str | 
             yield a
 
     with atomic_dir(out, force, inputs=(extra_from,)) as tmp:
-        write_shards(tmp, items, stream(), max_shard_size, write=writer)
+        write_shards(tmp, items, stream(), max_shard_size)
         if writer:
             write_config(tmp, cfg, items[0][1] if dtype is None else np.dtype(dtype))
             if extra_from is not None:
@@ -221,12 +215,16 @@ def save_hf(params, cfg: ModelConfig, out: str | Path, *, max_shard_size: str | 
     return Path(out)
 
 
+def _nbytes(item) -> int:
+    return int(np.prod(item[2], dtype=np.int64)) * item[1].itemsize
+
+
 def plan_shards(items, limit: int) -> list[list]:
     """Consecutive groups of (name, dtype, shape) whose bytes stay under `limit` (a tensor larger
     than the limit gets a shard of its own)."""
     shards, cur, size = [], [], 0
     for it in items:
-        nbytes = int(np.prod(it[2], dtype=np.int64)) * it[1].itemsize
+        nbytes = _nbytes(it)
         if cur and size + nbytes > limit:
             shards.append(cur)
             cur, size = [], 0
@@ -236,26 +234,59 @@ def plan_shards(items, limit: int) -> list[list]:
     return shards
 
 
-def write_shards(dest: Path, items, arrays: Iterator[np.ndarray], max_shard_size="5GB", *,
-                 write: bool = True) -> None:
-    """HF's sharded safetensors layout in `dest`, pulling `arrays` in `items` order, one tensor in
-    memory at a time; an index when there is more than one file. With write=False the arrays are
-    consumed (every process takes part in gathering them) but nothing is written."""
+def shard_files(items, max_shard_size="5GB") -> list[tuple[str, list]]:
+    """HF's sharded layout of `items`: (file name, the items it holds) per file."""
     shards = plan_shards(items, parse_size(max_shard_size))
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for fname, shard in zip(names, shards):
+    if len(shards) == 1:
+        return [("model.safetensors", shards[0])]
+    return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards)]
+
+
+def deal_shards(files: list[tuple[str, list]], n: int) -> list[int]:
+    """The process that writes each file: the largest file first, each to the process with the
+    fewest bytes so far (ties: the lower index), so loads differ by at most the largest file; a
+    pure function of the layout, hence the same answer on every process."""
+    sizes = [sum(_nbytes(it) for it in shard) for _, shard in files]
+    load, owner = [0] * n, [0] * len(files)
+    for i in sorted(range(len(files)), key=lambda i: -sizes[i]):
+        k = min(range(n), key=lambda k: load[k])
+        owner[i] = k
+        load[k] += sizes[i]
+    return owner
+
+
+def write_index(dest: Path, items, files: list[tuple[str, list]]) -> None:
+    """model.safetensors.index.json for a layout of more than one file."""
+    if len(files) < 2:
+        return
+    wmap = {n: fname for fname, shard in files for n, _, _ in shard}
+    (dest / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(map(_nbytes, items)), "producer": "jmerge"}, "weight_map": wmap},
+        indent=2))
+
+
+def write_files(dest: Path, files: list[tuple[str, list]], arrays: Iterator[np.ndarray]) -> None:
+    """Some of `shard_files`' files in `dest`, pulling `arrays` in their order."""
+    for fname, shard in files:
+        write_file(dest / fname, shard, (next(arrays) for _ in shard))
+
+
+def write_shards(dest: Path, items, arrays: Iterator[np.ndarray], max_shard_size="5GB") -> None:
+    """HF's sharded safetensors layout in `dest`, pulling `arrays` in `items` order, one tensor in
+    memory at a time; an index when there is more than one file. With several processes, every
+    one pulls every array (each joins every gather) and writes the files `deal_shards` gives
+    it; process 0 writes the index."""
+    files = shard_files(items, max_shard_size)
+    owners = deal_shards(files, distributed.count())
+    for (fname, shard), owner in zip(files, owners):
         chunk = (next(arrays) for _ in shard)
-        if write:
+        if owner == distributed.index():
             write_file(dest / fname, shard, chunk)
         else:
             for _ in chunk:
                 pass
-    if write and len(shards) > 1:
-        total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in items)
-        wmap = {n: fname for fname, shard in zip(names, shards) for n, _, _ in shard}
-        (dest / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total, "producer": "jmerge"}, "weight_map": wmap}, indent=2))
+    if distributed.is_lead():
+        write_index(dest, items, files)
 
 
 def write_config(out: Path, cfg: ModelConfig, dtype: np.dtype) -> None:

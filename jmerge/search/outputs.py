@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from jmerge import distributed
 from jmerge.search.parametrisations import Masks
 from jmerge.search.settings import SearchConfig
 
@@ -25,21 +26,24 @@ if TYPE_CHECKING:
 def save_masks(out: Path, theta, param: Masks) -> None:
     """Keep probabilities σ(logits) per HF tensor name (mask 0 when masks are shared), as
     float32 safetensors that the `somf` merge method reads (row masks have shape [out, 1]), in
-    `out`/params/masks.safetensors."""
-    from jmerge.io.hf import host_array
+    `out`/params/masks.safetensors. One tensor at a time reaches the host: every process joins
+    its gather, process 0 writes it."""
+    from jmerge.sharding import host_value
     from jmerge.io.safetensors_io import write_file
     probs = param.probabilities(theta)
-    items, arrays = [], []
+    tensors = []  # (name in the file, leaf, layer of a stacked leaf or None)
     for part, stacked in (("layers", True), ("rest", False)):
         for j, tree in enumerate(probs[part]):
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
                 path = ".".join(k.key for k in p)
-                x = host_array(x).astype(np.float32)  # a gather every process joins
-                for i, slab in enumerate(x if stacked else [x]):
+                for i in range(x.shape[0]) if stacked else [None]:
                     name = f"model.layers.{i}.{path}" if stacked else path
-                    items.append((f"{j}/{name}" if len(probs[part]) > 1 else name, slab.dtype, slab.shape))
-                    arrays.append(slab)
-    if jax.process_index() != 0:
+                    tensors.append((f"{j}/{name}" if len(probs[part]) > 1 else name, x, i))
+    items = [(name, np.dtype(np.float32), tuple(x.shape if i is None else x.shape[1:])) for name, x, i in tensors]
+    arrays = (host_value(x if i is None else x[i]).astype(np.float32) for _, x, i in tensors)
+    if not distributed.is_lead():
+        for _ in arrays:
+            pass
         return
     dest = out / "params"
     dest.mkdir(parents=True, exist_ok=True)
@@ -60,24 +64,27 @@ def search_inputs(cfg: SearchConfig) -> list:
 
 
 def write_outputs(job: SearchRun, report: dict) -> None:
+    """Every process joins each export (`hf.save_hf` gathers tensor by tensor) and the report's
+    directory; process 0 alone writes files."""
     from jmerge.eval.report import write_report
     from jmerge.io import hf
     from jmerge.io.atomic import atomic_dir, check_workspace
-    out = check_workspace(job.out, search_inputs(job.c), data_dirs=[job.c.eval.data])
-    lead = jax.process_index() == 0  # every process joins the gathers of save_hf; one writes files
-    (out / "models").mkdir(parents=True, exist_ok=True)
-    (out / "params").mkdir(parents=True, exist_ok=True)
+    out = distributed.on_lead(f"{job.out} checked", lambda: check_workspace(
+        job.out, search_inputs(job.c), data_dirs=[job.c.eval.data])) or Path(job.out)
+    lead = distributed.is_lead()
+    if lead:
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        (out / "params").mkdir(parents=True, exist_ok=True)
     for name, r in job.results.items():
         hf.save_hf(r["params"], job.model_cfg, out / "models" / slug(name), force=True,
                    tokenizer_writer=job.write_tokenizer)
         if lead:
             (out / "params" / f"{slug(name)}.json").write_text(json.dumps(r["info"], indent=1, default=float))
-    if not lead:
-        return
     with atomic_dir(out / "report", force=True, inputs=search_inputs(job.c),
                     data_dirs=[job.c.eval.data]) as tmp:
-        write_report(report, tmp)
-        _loss_curves(job.logs, tmp / "loss_curves.png")
+        if lead:
+            write_report(report, tmp)
+            _loss_curves(job.logs, tmp / "loss_curves.png")
 
 
 def _loss_curves(logs: dict[str, list], path: Path) -> None:

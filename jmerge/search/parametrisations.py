@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jmerge import sharding as shd
 from jmerge.errors import JmergeError
 
 TRANSFORMS = ("identity", "clamp", "softmax")
@@ -83,8 +84,8 @@ class Coefficients:
 
     def report(self, theta) -> dict:
         """λ as nested lists, for the JSON output: layers [L][K][M] and rest [K]."""
-        return {"layers": jax.device_get(self.lam(theta["layers"])).tolist(),
-                "rest": jax.device_get(self.lam(theta["rest"])).tolist(), "modules": list(self.modules)}
+        return {"layers": shd.host_value(self.lam(theta["layers"])).tolist(),
+                "rest": shd.host_value(self.lam(theta["rest"])).tolist(), "modules": list(self.modules)}
 
 
 @dataclasses.dataclass(frozen=True)
