@@ -325,10 +325,15 @@ def load_donotanswer(data_dir: str | Path | None = None) -> list[Prompt]:
 # User-supplied datasets (AdvBench, XSTest, PubMedQA)
 
 
+def data_dir(given: str | Path | None = None) -> str | Path | None:
+    """The folder the user's datasets are looked up in: the one given, else $JMERGE_DATA."""
+    return given or os.environ.get("JMERGE_DATA")
+
+
 def _locate(source: str, path: str | Path | None) -> Path:
     filename = _USER_DATA_FILES[source]
     if path is None:
-        env = os.environ.get("JMERGE_DATA")
+        env = data_dir()
         if not env:
             raise JmergeError(
                 f"{source} is not shipped with jmerge: pass its {filename} (or a directory holding "

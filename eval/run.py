@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from jmerge import distributed
 from jmerge.errors import JmergeError
 from jmerge.eval import suites as S
 from jmerge.eval.domain import DEFAULT_CONTEXT_TOKENS, DomainTask, load_domain
+from jmerge.eval.prompts import data_dir
 from jmerge.eval.runtime import Runtime
 
 
@@ -67,11 +67,16 @@ def _inputs(o: EvalOptions) -> list:
     lie inside any of them."""
     from jmerge.io.atomic import model_inputs
     models = [p for m in o.models for p in model_inputs(m)] + model_inputs(o.judge)
-    return models + [o.judge_template, o.safety_prompts, *(o.domain or []), o.chat_template]
+    return models + _data_files(o)
+
+
+def _data_files(o: EvalOptions) -> list:
+    """The files the evaluation reads besides the models (and the data directory)."""
+    return [o.judge_template, o.safety_prompts, *(o.domain or []), o.chat_template]
 
 
 def _data_dirs(o: EvalOptions) -> list:
-    return [o.data or os.environ.get("JMERGE_DATA")]
+    return [data_dir(o.data)]
 
 
 def _tokenizer_for(model: str, chat_template_file, need_chat: bool):
@@ -121,7 +126,9 @@ def evaluate_models(o: EvalOptions, on_model=None) -> tuple[Path, dict]:
     directory and write_report's files."""
     from jmerge.io.atomic import check_target
     out = check_target(o.out, o.force, inputs=_inputs(o), data_dirs=_data_dirs(o))
-    data = o.data or os.environ.get("JMERGE_DATA")
+    # every process must read the same data (not the models: hashing a 70B would take minutes)
+    distributed.check_same_files(_data_files(o) + _data_dirs(o))
+    data = data_dir(o.data)
     if o.data and not Path(o.data).is_dir():
         raise JmergeError(f"--data {o.data}: not a directory")
 

@@ -100,14 +100,13 @@ def _settings(given: dict) -> tuple[str, int, int] | None:
     return coordinator, n, pid
 
 
-def start(given: dict | None = None, local_device_ids=None) -> None:
+def start(given: dict | None = None) -> None:
     """Join the other processes of this run (see the module docstring); idempotent."""
     settings = _settings(given or {})
     if settings is None and not any(k in os.environ for k in _CLUSTER_ENV):
         return
     import jax
-    from jax._src import distributed as jax_distributed
-    if jax_distributed.global_state.client is not None:
+    if _client() is not None:
         return
     init = _seconds(INIT_TIMEOUT_ENV, INIT_TIMEOUT)
     if settings is None:
@@ -116,11 +115,11 @@ def start(given: dict | None = None, local_device_ids=None) -> None:
     else:
         coordinator, n, pid = settings
         where = f"coordinator {coordinator} as process {pid} of {n}"
-        args = dict(coordinator_address=coordinator, num_processes=n, process_id=pid,
-                    local_device_ids=local_device_ids)
+        args = dict(coordinator_address=coordinator, num_processes=n, process_id=pid)
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
             # CPU devices of different processes talk through gloo collectives.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
     def give_up(why: str) -> str:
         return (f"could not join {where} within {init:g} s ({why}); check the address, that every "
                 f"process was launched once with its own id, and {INIT_TIMEOUT_ENV}")

@@ -19,7 +19,7 @@ def write_responses(model: str, prompts: str, out: str | None = None, *, samplin
     """Generate a response to each prompt of `prompts` (a file or built-in source) and write
     `{id, prompt, response, tokens, finish_reason[, category]}` per line to `out` (atomically;
     stdout when None). Everything that can fail without weights fails before they are read."""
-    from jmerge import sharding as shd
+    from jmerge import distributed, sharding as shd
     from jmerge.eval.prompts import load_prompts
     from jmerge.io import load_model, split_adapter
     from jmerge.io.atomic import atomic_file, check_target, model_inputs
@@ -27,6 +27,7 @@ def write_responses(model: str, prompts: str, out: str | None = None, *, samplin
     inputs = [*model_inputs(model), prompts, chat_template_file]
     if out:  # before the weights are read and the responses generated
         check_target(out, force, inputs, kind="file")
+    distributed.check_same_files([prompts, chat_template_file])  # the data, not the model
     items = load_prompts(prompts, field=field)[:limit]
     mesh = shd.make_mesh(mesh)
     tok = load_tokenizer(tokenizer_home(model), None, chat_template_file)

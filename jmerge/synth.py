@@ -320,12 +320,13 @@ def synthesise(out: str | Path, *, harmful: Sequence[str] = (), aligned: str | N
     template refusals), answers of `model` (default: the embedded SmolLM2) to `benign` code-made
     prompts or the prompts of `benign_file`, and `finance` domain items (answered by `expert`, or
     by code)."""
-    import os
-
+    from jmerge import distributed
+    from jmerge.eval.prompts import data_dir
     from jmerge.io.atomic import check_target
     inputs = [*harmful, benign_file, aligned, model, expert]
-    data_dirs = [data or os.environ.get("JMERGE_DATA")]
+    data_dirs = [data_dir(data)]
     check_target(out, force, inputs, kind="file", data_dirs=data_dirs)  # before any model answers
+    distributed.check_same_files([*harmful, benign_file, *data_dirs])  # the data, not the models
 
     keep = (lambda r: True) if split == "all" else (lambda r: r["split"] == split)
     from jmerge.eval.prompts import load_prompts

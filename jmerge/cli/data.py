@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-from jmerge import distributed
 from jmerge.cli import ArgumentParser, quiet_jax
 from jmerge.errors import JmergeError
 
@@ -53,7 +51,6 @@ def main(argv=None) -> int:
     for m in (a.aligned, a.model, a.expert):
         if m and not Path(m).exists():
             raise JmergeError(f"{m}: no such model directory or file")
-    distributed.check_same_files([*a.harmful, a.benign_prompts, a.data or os.environ.get("JMERGE_DATA")])
     from jmerge.synth import synthesise
     n = synthesise(a.out, harmful=a.harmful, aligned=a.aligned, benign=a.benign, benign_file=a.benign_prompts,
                    model=a.model, finance=a.finance, expert=a.expert, split=a.split, test_frac=a.test_frac,

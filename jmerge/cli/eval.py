@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
-from jmerge import distributed
 from jmerge.cli import ArgumentParser, quiet_jax
 from jmerge.errors import JmergeError
 
@@ -61,8 +59,6 @@ def main(argv=None) -> int:
         raise JmergeError("--domain given but the domain suite is not selected (add it to --suite)")
     if a.judge and "safety" not in suites:
         raise JmergeError("--judge given but the safety suite is not selected (add it to --suite)")
-    distributed.check_same_files([a.safety_prompts, *(a.domain or []), a.chat_template, a.judge_template,
-                                  a.data or os.environ.get("JMERGE_DATA")])
     flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(EvalOptions) if f.name != "suites"}
     out, files = evaluate_models(EvalOptions(suites=suites, **flags), on_model=_print_summary)
     print(f"report -> {out}/ ({', '.join(f.name for f in files.values())})", file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from jmerge import distributed
 from jmerge.cli import ArgumentParser, quiet_jax
 from jmerge.errors import JmergeError
 
@@ -43,7 +42,6 @@ def main(argv=None) -> int:
         raise JmergeError(f"--limit must be > 0, got {a.limit}")
     if a.chat_template and a.no_chat_template:
         raise JmergeError("--chat-template and --no-chat-template exclude each other")
-    distributed.check_same_files([a.prompts, a.chat_template])
     from jmerge.generate import Sampling
     from jmerge.responses import write_responses
     sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)

@@ -17,9 +17,10 @@ def parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    from jmerge.eval.prompts import data_dir
     from jmerge.io.atomic import check_workspace
     from jmerge.search import config as C
-    from jmerge.search.outputs import search_inputs
+    from jmerge.search.outputs import search_data, search_inputs
     from jmerge.search.run import run as run_search
     cfg = C.load(a.config)
     if a.out:
@@ -28,18 +29,11 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, out=Path(a.out))
     # before the models load
     check_workspace(cfg.out, [a.config, *search_inputs(cfg)], data_dirs=[cfg.eval.data])
-    distributed.check_same_files([a.config, *_data_files(cfg)])
+    # every process must read the same data (not the models: hashing a 70B would take minutes)
+    distributed.check_same_files([a.config, *search_data(cfg), data_dir(cfg.eval.data)])
     report = run_search(cfg, progress=not a.quiet)
     from jmerge.eval.report import markdown
     print(markdown(report))
     print(f"\nreport: {cfg.out / 'report'}")
     return 0
 
-
-def _data_files(cfg) -> list:
-    """What every process must read alike: the training data and the eval sets (not the models:
-    hashing a 70B at start-up would cost minutes; their headers are checked when they load)."""
-    import os
-    ev = cfg.eval
-    return [*(d.path for d in cfg.data.values()), ev.harmful, ev.domain, ev.benign,
-            ev.data or os.environ.get("JMERGE_DATA")]

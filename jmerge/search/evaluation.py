@@ -4,7 +4,6 @@ and every model through the suites with one compiled runtime."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,7 @@ def eval_sets(ev: EvalSettings) -> tuple[dict, str | None, list]:
     over_source = None
     if "overrefusal" in ev.suites:
         # XSTest's safe prompts when the data is there (dev data, not shipped); else `benign`.
-        data_dir = ev.data or os.environ.get("JMERGE_DATA")
+        data_dir = P.data_dir(ev.data)
         try:
             xs, over_source = P.load_xstest(data_dir), "xstest"
         except JmergeError:

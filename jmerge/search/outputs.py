@@ -59,8 +59,12 @@ def slug(name: str) -> str:
 def search_inputs(cfg: SearchConfig) -> list:
     """Every path a search reads but its eval data directory: its output directory must not be,
     hold or lie inside any."""
-    ev = [cfg.eval.harmful, cfg.eval.domain, cfg.eval.benign]
-    return [cfg.source, cfg.base, *cfg.experts.values(), *(d.path for d in cfg.data.values()), *ev]
+    return [cfg.source, cfg.base, *cfg.experts.values(), *search_data(cfg)]
+
+
+def search_data(cfg: SearchConfig) -> list:
+    """The files a search reads besides the models (and the eval data directory)."""
+    return [*(d.path for d in cfg.data.values()), cfg.eval.harmful, cfg.eval.domain, cfg.eval.benign]
 
 
 def write_outputs(job: SearchRun, report: dict) -> None:
