@@ -36,6 +36,23 @@ def _tail_logprobs(params, ids, mask, target, *, cfg, k: int):
 _tail_logprobs_jit = jax.jit(_tail_logprobs, static_argnames=("cfg", "k"))
 
 
+def _batch_sharding(mesh, rows: int) -> NamedSharding:
+    """A scoring batch's rows over data x fsdp when they divide, else replicated."""
+    spec = P(("data", "fsdp"), None) if rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else P()
+    return NamedSharding(mesh, spec)
+
+
+def scoring_program(cfg, params, mesh, rows: int, length: int, k: int = 8) -> jax.stages.Lowered:
+    """The scorer `Runtime.score` compiles for a batch of `rows` x bucket(`length`) tokens whose
+    continuations are at most k tokens, lowered from abstract params (`jax.ShapeDtypeStruct`s on
+    their shardings) for a dry run."""
+    length = bucket_length(length)
+    k = min(k, length - 1)
+    ids = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=_batch_sharding(mesh, rows))
+    target = jax.ShapeDtypeStruct((rows, k), jnp.float32, sharding=_batch_sharding(mesh, rows))
+    return _tail_logprobs_jit.lower(params, ids, ids, target, cfg=cfg, k=k)
+
+
 class Runtime:
     """One model shape on one mesh: a shared Generator plus the log-likelihood scorer."""
 
@@ -87,9 +104,7 @@ class Runtime:
         seqs = [(list(ctx)[-max(1, cap - len(cont)):], list(cont)) for ctx, cont in pairs]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
         rows = min(self.batch_size, len(seqs))
-        n_batch_axes = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        spec = P(("data", "fsdp"), None) if rows % n_batch_axes == 0 else P()
-        sharding = NamedSharding(self.mesh, spec)
+        sharding = _batch_sharding(self.mesh, rows)
         out = np.zeros(len(seqs), np.float64)
         batches = [order[i:i + rows] for i in range(0, len(order), rows)]
         for batch in tqdm(batches, desc="score", unit="batch", disable=not self.progress, leave=False):

@@ -5,6 +5,11 @@ Prompts are left-padded into batches whose length is rounded up to a bucket (pow
 compiles one program per bucket. Params are jit *arguments*: a merged params pytree with the same
 shapes, dtypes and shardings reuses the compiled programs (the search relies on this).
 
+Memory: rows are split over data x fsdp (a batch is padded with all-padding rows to a multiple),
+the KV cache also by KV heads over tensor; a long prompt is prefilled in chunks; the head's
+logits are computed from its own shards. `generation_programs` lowers the same programs from
+abstract params, for `--dry-run`.
+
 Sampling: greedy (temperature 0) or temperature with optional top-k then top-p (nucleus), in that
 order, as transformers applies them. Randomness comes only from `Sampling.seed`: batch i uses
 fold_in(seed, i) and step t folds in t, so a run is reproducible for given prompts and batch size.
@@ -101,12 +106,42 @@ def sample_logits(logits, key, temperature, top_p, *, greedy: bool, top_k: int, 
     return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+def _next_logits(params, cfg: ModelConfig, ids, mask, cache, mesh: Mesh):
+    """Float32 logits [B, V] after the last slot, and the cache. The last hidden states are split
+    along D as the head's weight is: each device multiplies its slice of the head and the
+    logits are summed across devices, where XLA would otherwise gather the whole [V, D] head on
+    every device at every step (2 GB for a 70B model)."""
+    h, cache = llama.forward(params, cfg, ids, mask, cache=cache, last_only=True, return_hidden=True)
+    path = "model/embed_tokens/weight" if cfg.tie_word_embeddings else "lm_head/weight"
+    head = params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
+    h = jax.lax.with_sharding_constraint(h, NamedSharding(mesh, P(None, shd.spec_for(path, head.shape, mesh)[1])))
+    return jnp.einsum("bd,vd->bv", h, head, preferred_element_type=jnp.float32), cache
+
+
+def _prefill(params, cfg: ModelConfig, ids, mask, cache, chunk: int, mesh: Mesh):
+    """The prompt into the cache, `chunk` slots at a time (one call when it is the whole
+    prompt): activations then scale with the chunk, not the prompt. Last slot's logits [B, V]."""
+    b, t = ids.shape
+    if chunk < t:
+        def step(cache, xs):
+            _, cache = llama.forward(params, cfg, xs[0], xs[1], cache=cache, last_only=True, return_hidden=True)
+            return cache, None
+
+        split = lambda x: x[:, : t - chunk].reshape(b, -1, chunk).swapaxes(0, 1)  # noqa: E731
+        cache, _ = jax.lax.scan(step, cache, (split(ids), split(mask)))
+    return _next_logits(params, cfg, ids[:, t - chunk:], mask[:, t - chunk:], cache, mesh)
+
+
 def _generate(params, ids, mask, cache, key, temperature, top_p, eos_ids, *, cfg: ModelConfig,
-              max_new: int, greedy: bool, top_k: int, use_top_p: bool):
-    """ids/mask: [B, T] left-padded; eos_ids: [E] (-1 entries unused). Returns (tokens
-    [B, max_new], -1 after a row stopped; the cache, for reuse)."""
+              max_new: int, greedy: bool, top_k: int, use_top_p: bool, chunk: int, mesh: Mesh):
+    """ids/mask: [B, T] left-padded; eos_ids: [E] (-1 entries unused); chunk: prefill slots per
+    call (divides T). Returns (tokens [B, max_new], -1 after a row stopped; the cache, for
+    reuse)."""
     TRACE_COUNT[0] += 1
     b = ids.shape[0]
+    # Rows without a real token pad the batch to a multiple of data x fsdp: done from the start,
+    # so they never keep the loop going.
+    dummy = jnp.sum(mask, axis=1) == 0
     # A reused cache holds an earlier batch: clearing mask and index is enough, stale k/v slots
     # are masked out until they are overwritten.
     cache = dict(cache, mask=jnp.zeros_like(cache["mask"]), index=jnp.zeros((), jnp.int32))
@@ -115,10 +150,10 @@ def _generate(params, ids, mask, cache, key, temperature, top_p, eos_ids, *, cfg
         return sample_logits(logits, jax.random.fold_in(key, step), temperature, top_p,
                              greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
-    logits, cache = llama.forward(params, cfg, ids, mask, cache=cache, last_only=True)
+    logits, cache = _prefill(params, cfg, ids, mask, cache, chunk, mesh)
     tok = pick(logits, 0)
     out = jnp.full((b, max_new), -1, jnp.int32).at[:, 0].set(tok)
-    done = jnp.isin(tok, eos_ids)
+    done = jnp.isin(tok, eos_ids) | dummy
 
     def cond(state):
         step, _, _, _, done = state
@@ -126,8 +161,7 @@ def _generate(params, ids, mask, cache, key, temperature, top_p, eos_ids, *, cfg
 
     def body(state):
         step, tok, cache, out, done = state
-        logits, cache = llama.forward(params, cfg, tok[:, None], jnp.ones((b, 1), jnp.int32),
-                                      cache=cache, last_only=True)
+        logits, cache = _next_logits(params, cfg, tok[:, None], jnp.ones((b, 1), jnp.int32), cache, mesh)
         nxt = pick(logits, step)
         out = jax.lax.dynamic_update_slice(out, jnp.where(done, -1, nxt)[:, None], (0, step))
         return step + 1, nxt, cache, out, done | jnp.isin(nxt, eos_ids)
@@ -137,7 +171,101 @@ def _generate(params, ids, mask, cache, key, temperature, top_p, eos_ids, *, cfg
 
 
 _generate_jit = jax.jit(_generate, donate_argnames=("cache",),
-                        static_argnames=("cfg", "max_new", "greedy", "top_k", "use_top_p"))
+                        static_argnames=("cfg", "max_new", "greedy", "top_k", "use_top_p", "chunk", "mesh"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement and programs (shared by Generator and generation_programs, so what a dry run
+# compiles is what a run compiles)
+
+
+def padded_rows(rows: int, mesh: Mesh) -> int:
+    """A batch's row count rounded up to a multiple of data x fsdp: the batch is then split over
+    those axes (dummy rows fill the rest) instead of replicated on every device."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    return -(-rows // n) * n
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, heads_axis: int | None = None,
+                   heads: int = 0) -> NamedSharding:
+    """Rows over data x fsdp; a KV-heads axis over tensor when tensor divides the head count."""
+    spec = [None] * ndim
+    spec[batch_axis] = ("data", "fsdp")
+    if heads_axis is not None and heads % mesh.shape["tensor"] == 0:
+        spec[heads_axis] = "tensor"
+    return NamedSharding(mesh, P(*spec))
+
+
+def cache_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
+    kv = batch_sharding(mesh, 5, 1, heads_axis=3, heads=cfg.num_kv_heads)  # [L, B, S, Hkv, D]
+    return dict(k=kv, v=kv, mask=batch_sharding(mesh, 2), index=NamedSharding(mesh, P()))
+
+
+def _cache_init(cfg: ModelConfig, rows: int, length: int, dtype, mesh: Mesh):
+    make = functools.partial(llama.init_cache, cfg, rows, length, dtype)
+    return jax.jit(make, out_shardings=cache_shardings(cfg, mesh))
+
+
+def placed_params(params, mesh: Mesh, shardings=None):
+    """Params on their canonical shardings; abstract params (ShapeDtypeStruct) stay abstract."""
+    shardings = shd.param_shardings(params, mesh) if shardings is None else shardings
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+    # A no-op for arrays already on the canonical shardings; otherwise a reshard, which is
+    # what keeps the compiled program's input shardings (and so the compile cache) stable.
+    return jax.device_put(params, shardings)
+
+
+def _eos_slots(eos_ids: Sequence[int]) -> np.ndarray:
+    # A traced argument padded to 8 slots, so other EOS ids reuse the compiled program.
+    eos = np.full(max(8, len(eos_ids)), -1, np.int32)
+    eos[: len(eos_ids)] = eos_ids
+    return eos
+
+
+# Prompt tokens per device in one prefill call: bounds the prefill's activations (an 8B MLP's
+# [tokens, 14336] float32 is 470 MB at 8192) while keeping its matmuls large.
+PREFILL_TOKENS = 8192
+
+
+def prefill_chunk(rows: int, length: int, mesh: Mesh) -> int:
+    """Prefill slots per call: `length` (a bucket, so a power of two or a multiple of 512)
+    halved until the tokens per device stay within PREFILL_TOKENS; the whole prompt when it fits."""
+    per_device = rows // (mesh.shape["data"] * mesh.shape["fsdp"])
+    chunk = length
+    while per_device * chunk > PREFILL_TOKENS and chunk % 2 == 0:
+        chunk //= 2
+    return chunk
+
+
+def _static(cfg: ModelConfig, new_tokens: int, s: Sampling, rows: int, length: int, mesh: Mesh) -> dict:
+    return dict(cfg=cfg, max_new=new_tokens, greedy=s.greedy, top_k=s.top_k, use_top_p=s.top_p < 1.0,
+                chunk=prefill_chunk(rows, length, mesh), mesh=mesh)
+
+
+def _scalars(s: Sampling) -> tuple:
+    return jnp.float32(s.temperature or 1.0), jnp.float32(s.top_p)
+
+
+def generation_programs(cfg: ModelConfig, params, mesh: Mesh, rows: int, prompt_len: int, new_tokens: int,
+                        settings: Sampling = Sampling(), eos_count: int = 8) -> dict[str, jax.stages.Lowered]:
+    """The programs a `Generator` compiles for one batch shape, lowered from `params` (abstract
+    `jax.ShapeDtypeStruct`s or arrays; placed on `jmerge.sharding.param_shardings` as the
+    Generator places them): "cache_init" (the KV cache) and "generate" (prefill + decode loop).
+    `rows` is the Generator's batch size (padded here as it pads), `prompt_len` the longest
+    prompt (rounded up to its bucket), `eos_count` the number of EOS ids."""
+    rows, length = padded_rows(rows, mesh), bucket_length(prompt_len)
+    params = placed_params(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), mesh)
+    dtype = jax.tree.leaves(params)[0].dtype
+    init = _cache_init(cfg, rows, length + new_tokens, dtype, mesh)
+    cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                         jax.eval_shape(init), cache_shardings(cfg, mesh))
+    batch = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=batch_sharding(mesh, 2))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    eos = jax.ShapeDtypeStruct(_eos_slots([0] * eos_count).shape, jnp.int32)
+    return dict(cache_init=init.lower(),
+                generate=_generate_jit.lower(params, batch, batch, cache, key, *_scalars(settings), eos,
+                                             **_static(cfg, new_tokens, settings, rows, length, mesh)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,38 +307,23 @@ class Generator:
                 raise JmergeError("new params do not match the generator's params (structure, shapes or dtypes)")
         else:
             self._param_shardings = shd.param_shardings(params, self.mesh)
-        # A no-op for arrays already on the canonical shardings; otherwise a reshard, which is
-        # what keeps the compiled program's input shardings (and so the compile cache) stable.
-        self.params = jax.device_put(params, self._param_shardings)
+        self.params = placed_params(params, self.mesh, self._param_shardings)
         self.dtype = jax.tree.leaves(self.params)[0].dtype
 
     # -- shardings and caches --
 
-    def _batch_axes_size(self) -> int:
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-
-    def _sharding(self, rows: int, ndim: int, batch_axis: int = 0) -> NamedSharding:
-        if rows % self._batch_axes_size():
-            return NamedSharding(self.mesh, P())
-        spec = [None] * ndim
-        spec[batch_axis] = ("data", "fsdp")
-        return NamedSharding(self.mesh, P(*spec))
+    def _sharding(self, rows: int, ndim: int) -> NamedSharding:
+        """Inputs of a batch of `rows` (a multiple of data x fsdp: see `padded_rows`)."""
+        assert rows == padded_rows(rows, self.mesh), rows
+        return batch_sharding(self.mesh, ndim)
 
     def _take_cache(self, rows: int, length: int):
-        key = (rows, length)
-        cache = self._caches.pop(key, None)
-        if cache is None:
-            shardings = dict(k=self._sharding(rows, 5, 1), v=self._sharding(rows, 5, 1),
-                             mask=self._sharding(rows, 2), index=NamedSharding(self.mesh, P()))
-            make = functools.partial(llama.init_cache, self.cfg, rows, length, self.dtype)
-            cache = jax.jit(make, out_shardings=shardings)()
-            self._cache_shardings = getattr(self, "_cache_shardings", {})
-            self._cache_shardings[key] = shardings
-        return cache
+        cache = self._caches.pop((rows, length), None)
+        return _cache_init(self.cfg, rows, length, self.dtype, self.mesh)() if cache is None else cache
 
     def _return_cache(self, rows: int, length: int, cache) -> None:
         # Pin the returned cache to the input shardings so the next call hits the compile cache.
-        self._caches[(rows, length)] = jax.device_put(cache, self._cache_shardings[(rows, length)])
+        self._caches[(rows, length)] = jax.device_put(cache, cache_shardings(self.cfg, self.mesh))
 
     # -- generation --
 
@@ -222,32 +335,31 @@ class Generator:
             raise JmergeError("a prompt is empty after tokenization")
         check_prompt_lengths(prompts, self.cfg)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        rows = min(self.batch_size, len(prompts))
-        batches = [order[i:i + rows] for i in range(0, len(order), rows)]
+        per_batch = min(self.batch_size, len(prompts))
+        batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
+        rows = padded_rows(per_batch, self.mesh)
         results: list[Completion | None] = [None] * len(prompts)
         s = self.sampling
         base_key = jax.random.key(s.seed)
-        # A traced argument padded to 8 slots, so other EOS ids reuse the compiled program.
-        eos = np.full(max(8, len(self.eos_ids)), -1, np.int32)
-        eos[: len(self.eos_ids)] = self.eos_ids
+        eos = _eos_slots(self.eos_ids)
         from tqdm.auto import tqdm
         for bi, batch in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not self.progress,
                                         leave=False)):
             length = bucket_length(max(len(prompts[i]) for i in batch))
+            # Rows past the batch's prompts (a short last batch, padding to the mesh) stay all
+            # padding: masked out, done from the start, their tokens dropped.
             ids = np.full((rows, length), self.pad_id, np.int32)
             mask = np.zeros((rows, length), np.int32)
-            for r in range(rows):
-                p = prompts[batch[min(r, len(batch) - 1)]]  # short last batch: repeat its last row
-                ids[r, length - len(p):] = p
-                mask[r, length - len(p):] = 1
+            for r, i in enumerate(batch):
+                ids[r, length - len(prompts[i]):] = prompts[i]
+                mask[r, length - len(prompts[i]):] = 1
             sh = self._sharding(rows, 2)
             cache_len = length + self.max_new_tokens
             cache = self._take_cache(rows, cache_len)
             out, cache = _generate_jit(
                 self.params, jax.device_put(ids, sh), jax.device_put(mask, sh), cache,
-                jax.random.fold_in(base_key, bi), jnp.float32(s.temperature or 1.0), jnp.float32(s.top_p),
-                eos, cfg=self.cfg, max_new=self.max_new_tokens, greedy=s.greedy,
-                top_k=s.top_k, use_top_p=s.top_p < 1.0)
+                jax.random.fold_in(base_key, bi), *_scalars(s), eos,
+                **_static(self.cfg, self.max_new_tokens, s, rows, length, self.mesh))
             self._return_cache(rows, cache_len, cache)
             out = shd.host_value(out)
             for r, i in enumerate(batch):

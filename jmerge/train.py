@@ -24,7 +24,7 @@ from jmerge import data
 from jmerge.checkpoint import RunCheckpoint, fingerprint
 from jmerge.config import ModelConfig
 from jmerge.errors import JmergeError, collect
-from jmerge.objectives import response_ce
+from jmerge.objectives import loop_index, response_ce
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -89,11 +89,12 @@ def init_lora(params, rank: int, targets, seed: int) -> dict:
     return out
 
 
-def lora_layer_fn(scale: float, dtype):
-    """Maps one layer's (base weights, LoRA factors) to that layer's merged weights."""
+def lora_layer_fn(scale: float, dtype, layers):
+    """Maps one layer's (index, LoRA factors) to that layer's merged weights; the frozen stacked
+    `layers` are sliced inside the scan (`loop_index`)."""
     def fn(xs):
-        base, lora = xs
-        merged = jax.tree.map(lambda x: x.astype(dtype), base)
+        i, lora = xs
+        merged = jax.tree.map(lambda x: x.astype(dtype), loop_index(layers, i))
         for block, mods in lora.items():
             for mod, f in mods.items():
                 w = merged[block][mod]["weight"]
@@ -136,7 +137,8 @@ def optimizer(spec: OptSpec) -> optax.GradientTransformation:
 def _loss_and_grad(trainable, frozen, batch, *, cfg, lora_scale, dtype):
     def loss(trainable):
         if lora_scale is not None:
-            kw = dict(layer_xs=(frozen["model"]["layers"], trainable), layer_fn=lora_layer_fn(lora_scale, dtype))
+            layers = frozen["model"]["layers"]
+            kw = dict(layer_xs=(jnp.arange(cfg.num_layers), trainable), layer_fn=lora_layer_fn(lora_scale, dtype, layers))
             return response_ce(frozen, cfg, batch, remat=True, **kw)
         params = jax.tree.map(lambda x: x.astype(dtype), trainable)
         return response_ce(params, cfg, batch, remat=True)

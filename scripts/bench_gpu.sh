@@ -25,6 +25,7 @@ step() {  # name, command...   (STEPS="kernels search_1b" runs only those)
   echo "=== $name took $((SECONDS - t0)) s"
 }
 step kernels $py scripts/bench_kernels.py
+step attention $py scripts/bench_attention.py fused --batch 8 --seq 2048
 step merge_memory_1b $py scripts/bench_merge_memory.py --size 1b
 step search_1b $py scripts/bench_search.py --shape 1b --dtype bfloat16 --batch 8 --seq 1024
 step search_smollm2 $py scripts/bench_search.py --shape smollm2 --dtype bfloat16 --batch 16 --seq 512

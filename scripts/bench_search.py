@@ -69,6 +69,7 @@ def one_mode(a) -> dict:
     import numpy as np
 
     from jmerge.models import llama
+    from jmerge.objectives import hidden
     from jmerge.search import gradient as G
     from jmerge.search.merged import weighted_ce
     from jmerge.search.parametrisations import Coefficients, Masks
@@ -89,8 +90,8 @@ def one_mode(a) -> dict:
     if a.mode == "plain":
         @jax.jit
         def step(p, batch):
-            return jax.value_and_grad(lambda p: weighted_ce(llama.forward(p, cfg, batch["input_ids"],
-                                                                           batch["attention_mask"]), batch))(p)
+            return jax.value_and_grad(lambda p: weighted_ce(hidden(p, cfg, batch["input_ids"],
+                                                                     batch["attention_mask"]), batch))(p)
         run = lambda: step(base, batch)  # noqa: E731
     else:
         def noisy(i):

@@ -63,7 +63,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "DARE drops entries but never rescales the survivors"),
     Mutant(
         "left_pad_mask_off_by_one", "jmerge/generate.py",
-        (("mask[r, length - len(p):] = 1", "mask[r, length - len(p) - 1:] = 1"),),
+        (("mask[r, length - len(prompts[i]):] = 1", "mask[r, length - len(prompts[i]) - 1:] = 1"),),
         ("tests/test_generate.py::test_greedy_matches_transformers[llama]",),
         "the attention mask of a left-padded prompt also covers the pad slot before it"),
     Mutant(

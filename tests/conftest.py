@@ -8,6 +8,8 @@ import os
 # Eight simulated CPU devices for sharding tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# every command turns on the persistent compile cache; tests keep out of ~/.cache/jmerge
+os.environ.setdefault("JMERGE_NO_COMPILE_CACHE", "1")
 
 import functools  # noqa: E402
 import string  # noqa: E402

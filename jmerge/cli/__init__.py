@@ -15,6 +15,7 @@ import sys
 import threading
 
 from jmerge import distributed
+from jmerge.compile_cache import persistent_compile_cache
 from jmerge.errors import JmergeError
 
 COMMANDS = {
@@ -89,6 +90,7 @@ def run(main, argv=None) -> int:
         with _sigterm_as_interrupt():
             argv, given = distributed.take_flags(list(sys.argv[1:] if argv is None else argv))
             distributed.start(given)
+            persistent_compile_cache()  # a second run of the same programs loads them from disk
             with _quiet_unless_lead():
                 return main(argv) or 0
     except JmergeError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from jmerge import dryrun
 from jmerge.cli import ArgumentParser, quiet_jax
 from jmerge.errors import JmergeError
 
@@ -39,6 +40,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    dryrun.add_flags(p, prompt_tokens="dry run: the longest prompt in tokens, chat template included")
     return p
 
 
@@ -59,6 +61,8 @@ def main(argv=None) -> int:
         raise JmergeError("--domain given but the domain suite is not selected (add it to --suite)")
     if a.judge and "safety" not in suites:
         raise JmergeError("--judge given but the safety suite is not selected (add it to --suite)")
+    if dryrun.wanted(a):
+        return dryrun.run("eval", a, argv)
     flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(EvalOptions) if f.name != "suites"}
     out, files = evaluate_models(EvalOptions(suites=suites, **flags), on_model=_print_summary)
     print(f"report -> {out}/ ({', '.join(f.name for f in files.values())})", file=sys.stderr)

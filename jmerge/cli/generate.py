@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from jmerge import dryrun
 from jmerge.cli import ArgumentParser, quiet_jax
 from jmerge.errors import JmergeError
 
@@ -28,6 +29,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument("--out", help="output JSONL (default: stdout)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists (never an input)")
+    dryrun.add_flags(p, prompt_tokens="dry run: the longest prompt in tokens, chat template included")
     return p
 
 
@@ -42,6 +44,8 @@ def main(argv=None) -> int:
         raise JmergeError(f"--limit must be > 0, got {a.limit}")
     if a.chat_template and a.no_chat_template:
         raise JmergeError("--chat-template and --no-chat-template exclude each other")
+    if dryrun.wanted(a):
+        return dryrun.run("generate", a, argv)
     from jmerge.generate import Sampling
     from jmerge.responses import write_responses
     sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)

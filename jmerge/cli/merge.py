@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
-from jmerge import distributed
+from jmerge import distributed, dryrun
 from jmerge.cli import ArgumentParser, quiet_jax
+from jmerge.compile_cache import persistent_compile_cache
 
 
 def parser() -> ArgumentParser:
@@ -28,25 +28,15 @@ def parser() -> ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="write NaN/Inf weights (in the inputs or the merged result) instead of refusing them")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    dryrun.add_flags(p)
     return p
-
-
-def persistent_compile_cache():
-    """Reuse compiled per-tensor functions across runs (keyed by XLA on program + shapes).
-    Returns the directory for the engine's exported programs (None: off)."""
-    import jax
-
-    from jmerge.default_model import cache_root
-    if os.environ.get("JMERGE_NO_COMPILE_CACHE"):
-        return None
-    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    return cache_root() / "exported"
 
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     quiet_jax()
+    if dryrun.wanted(a):
+        return dryrun.run("merge", a, argv)
     distributed.check_same_files([a.config])
     export_cache = persistent_compile_cache()
     from jmerge import sharding

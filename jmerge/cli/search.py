@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jmerge import distributed
+from jmerge import distributed, dryrun
 from jmerge.cli import ArgumentParser
 
 
@@ -12,11 +12,14 @@ def parser() -> ArgumentParser:
     p.add_argument("--config", required=True, help="search config (YAML), e.g. configs/demo.yaml")
     p.add_argument("--out", help="override the config's output directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    dryrun.add_flags(p, prompt_tokens="the eval's longest prompt in tokens (default: the config's max_len)")
     return p
 
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    if dryrun.wanted(a):
+        return dryrun.run("search", a, argv)
     from jmerge.eval.prompts import data_dir
     from jmerge.io.atomic import check_workspace
     from jmerge.search import config as C

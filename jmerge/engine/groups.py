@@ -59,10 +59,3 @@ def group_params(p: Prepared, g: Group, seed: int):
         keys = jnp.stack(ks) if g.layered else ks[0]
     return params, keys
 
-
-def in_one_program(method, g: Group) -> bool:
-    """Whether a group is merged inside the single jitted program: a non-layer tensor, or a layer
-    leaf of an elementwise method (vmapped over the layers: no float reduction to reorder, its
-    finiteness flags are a logical AND, so the bits are streaming's). A method that reduces over
-    each tensor is instead called layer by layer (`merge_layers`)."""
-    return not g.layered or method.elementwise

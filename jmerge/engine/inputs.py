@@ -112,8 +112,10 @@ def out_config(plan: MergePlan, models: dict[str, ModelInput], ref: str, res: Re
     return from_hf_dict(conf, f"{plan.path}: the merged model's config (from {ref})")
 
 
-def check_plan(plan: MergePlan, *, scan_values: bool = False, progress: bool = False) -> Checked:
-    """Open every model (headers only) and check them against each other and the plan."""
+def check_plan(plan: MergePlan, *, scan_values: bool = False, progress: bool = False,
+               opener: Callable[[str, Path], ModelInput] | None = None) -> Checked:
+    """Open every model (headers only; `opener(ref, config_dir)`, default `open_model`) and check
+    them against each other and the plan."""
     from jmerge.io import hf
 
     config_dir = Path(plan.path).resolve().parent
@@ -122,7 +124,7 @@ def check_plan(plan: MergePlan, *, scan_values: bool = False, progress: bool = F
     models: dict[str, ModelInput] = {}
     for ref in plan.referenced():
         try:
-            models[ref] = open_model(ref, config_dir)
+            models[ref] = (opener or open_model)(ref, config_dir)
             if models[ref].tokenizer_dir is not None and models[ref].tokenizer_dir.is_dir():
                 hf.check_tokenizer(models[ref].tokenizer_dir)  # the merge copies these files
         except JmergeError as e:

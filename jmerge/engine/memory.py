@@ -1,12 +1,19 @@
-"""The in-memory merge: every input model loaded onto the mesh, merged there.
+"""The in-memory merge: the inputs on the mesh, merged there one group at a time.
 
-One jitted program merges the non-layer tensors, and the stacked layer leaves of elementwise
-methods (vmapped over the layers). A method that reduces over each tensor (TIES, DARE, SLERP,
-...) is called once per layer instead, on that layer's buffers: vmap would let XLA order the
-reductions over a batched tensor differently (1-ulp differences in DARE's L1 rescale), and
-streaming must match bit for bit; a lax.map over the layers is ~4x slower on XLA:CPU. The layer
-axis is the only axis the merge is split on (shard_map), so no reduction inside a tensor
-depends on the mesh shape.
+A group (a non-layer tensor, or a stacked layer leaf over one output slice) is loaded onto the
+mesh in the layout `split.group_layout` gives it, merged, and its output placed in the params'
+sharding before the next group is read: a device holds its share of the merged model, one
+group's inputs and that group's temporaries, never every input at once (TIES of 3 x Llama-3-70B
+in bf16 on 8 devices: 29 GiB a device, where loading every input first needed 133 GiB;
+`footprint.memory_need`).
+
+Elementwise methods merge a layer leaf in one call, vmapped over each device's layers. A method
+that reduces over each tensor (TIES, DARE, SLERP, ...) is called once per layer instead (each
+device merging one of its layers per call), on that layer's buffers, each call's output moved
+into the leaf's sharding at once: vmap would let XLA order the reductions over a batched tensor differently
+(1-ulp differences in DARE's L1 rescale), and streaming must match bit for bit; a lax.map over
+the layers is ~4x slower on XLA:CPU. No axis inside a tensor is ever split (shard_map over the
+layer or row axis only), so no reduction depends on the mesh shape.
 """
 
 from __future__ import annotations
@@ -21,22 +28,14 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jmerge import sharding as shd
-from jmerge.config import ModelConfig
 from jmerge.engine.finite import flag_rows, refuse_nonfinite_inputs, refuse_nonfinite_output
-from jmerge.engine.groups import Group, build_groups, group_params, in_one_program
+from jmerge.engine.groups import Group, build_groups, group_params
 from jmerge.engine.options import MergeOptions
-from jmerge.engine.prepare import Prepared, job_inputs
+from jmerge.engine.prepare import Prepared
 from jmerge.engine.programs import per_tensor
+from jmerge.engine.split import Layout, group_layout, load_group, pad_rows
 from jmerge.io import hf
-
-
-def layer_split(mesh: Mesh, n: int) -> tuple[P, int]:
-    """How n layers spread over the mesh, and into how many blocks: split over every axis of
-    size > 1 when they divide n (each device merges its own block), else P() (every device
-    merges all of them)."""
-    axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
-    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    return (P(axes), size) if axes and n % size == 0 else (P(), 1)
+from jmerge.progress import bar as progress_bar
 
 
 def on_devices(f, mesh: Mesh, in_specs, out_specs):
@@ -53,44 +52,29 @@ def _get(tree, path):
     return tree
 
 
-def _group_arrays(inputs, g: Group, n: int | None = None) -> list:
-    """The arrays of `g.inputs`: stacked layer leaves (cut to its slice when n is given), or named
-    tensors."""
-    if g.layered:
-        xs = [_get(inputs[ref]["layers"], g.path[2:]) for ref in g.inputs]
-        if n is not None:
-            xs = [x[a:a + n] for x, a in zip(xs, g.starts)]
-        return xs
-    return [inputs[ref]["named"][g.names[0]] for ref in g.inputs]
-
-
-def memory_fn(p: Prepared, groups: list[Group], mesh: Mesh):
-    """The single jitted program's function for the groups `in_one_program`:
-    (inputs {model: {"layers": stacked layer leaves, "named": {HF name: array}}}, per-group
-    params, per-group keys) -> ([output array per group], [finiteness flags per group])."""
-    from jmerge.merge import get
-    method = get(p.checked.plan.method.name)
-
-    def fn(inputs, gparams, gkeys):
-        ys, finite = [], []
-        for g, prm, key in zip(groups, gparams, gkeys):
-            call = functools.partial(per_tensor, method, g.static, p.out_dtype)
-            n = len(g.names) if g.layered else None
-            base, models = g.split(_group_arrays(inputs, g, n))
-            if g.layered:
-                spec, _ = layer_split(mesh, n)
-                y, fin = on_devices(jax.vmap(lambda a: call(*a)), mesh, (spec,), spec)((base, models, key, prm))
-            else:
-                y, fin = on_devices(lambda a: call(*a), mesh, (P(),), P())((base, models, key, prm))
-            ys.append(y)
-            finite.append(fin)
-        return ys, finite
-
-    return fn
+def layout(p: Prepared, g: Group, mesh: Mesh) -> Layout:
+    return group_layout(p.checked.plan.method, g, hf.hf_layout(p.out_cfg)[g.names[0]], mesh)
 
 
 @functools.lru_cache(maxsize=None)
-def _layer_step(method_name: str, static: tuple, out_dtype: np.dtype, has_base: bool, mesh: Mesh, spec: P):
+def merge_fn(method_name: str, static: tuple, out_dtype: np.dtype, kind: str, mesh: Mesh, spec: P):
+    """The one jitted call merging a group of an elementwise layer leaf ("layers": vmapped over
+    each device's layers), a non-layer tensor split over rows ("rows") or whole on every device
+    ("whole"): (base, models, keys, params) -> (output, finiteness flags)."""
+    from jmerge.merge import get
+    call = functools.partial(per_tensor, get(method_name), static, out_dtype)
+    if kind == "layers":
+        return jax.jit(on_devices(jax.vmap(call), mesh, (spec,) * 4, (spec, spec)))
+    if kind == "rows":
+        def rows(base, models, key, prm):
+            y, fin = call(base, models, key, prm)
+            return y, fin[None]  # one row of flags per device
+        return jax.jit(on_devices(rows, mesh, (spec, spec, P(), P()), (spec, spec)))
+    return jax.jit(on_devices(call, mesh, (P(),) * 4, (P(), P())))
+
+
+@functools.lru_cache(maxsize=None)
+def layer_step(method_name: str, static: tuple, out_dtype: np.dtype, has_base: bool, mesh: Mesh, spec: P):
     """One jitted call merging layer i of a group (on each device, its i-th local layer).
 
     The layer's inputs are cut out behind an optimization barrier, meant to give the method what
@@ -104,134 +88,169 @@ def _layer_step(method_name: str, static: tuple, out_dtype: np.dtype, has_base: 
     from jmerge.merge import get
     method = get(method_name)
 
-    def local(xs, i, offsets, prm, keys):
-        sl = lax.optimization_barrier([lax.dynamic_index_in_dim(x, i + o, 0, keepdims=False)
-                                       for x, o in zip(xs, offsets)])
+    def local(xs, i, prm, keys):
+        sl = lax.optimization_barrier([lax.dynamic_index_in_dim(x, i, 0, keepdims=False) for x in xs])
         base, models = (sl[0], sl[1:]) if has_base else (None, sl)
         prm_i = jax.tree.map(lambda v: lax.dynamic_index_in_dim(v, i, 0, keepdims=False), prm)
         key = None if keys is None else lax.dynamic_index_in_dim(keys, i, 0, keepdims=False)
         y, fin = per_tensor(method, static, out_dtype, base, models, key, prm_i)
         return y[None], fin[None]
 
-    return jax.jit(on_devices(local, mesh, (spec, P(), P(), spec, spec), (spec, spec)))
+    return jax.jit(on_devices(local, mesh, (spec, P(), spec, spec), (spec, spec)))
+
+
+def _on_bits(f, xs) -> jax.Array:
+    """f over xs, done on their raw bits: XLA:CPU concatenates bfloat16 arrays 4x slower than the
+    same bytes as uint16 (measured: 30 x 1.7 MB, 140 ms against 33 ms)."""
+    dtype = xs[0].dtype
+    if dtype == jnp.bool_ or jnp.dtype(dtype).itemsize not in (1, 2, 4, 8):
+        return f(xs)
+    raw = jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
+    return lax.bitcast_convert_type(f([lax.bitcast_convert_type(x, raw) for x in xs]), dtype)
 
 
 def concat_bits(xs) -> jax.Array:
-    """jnp.concatenate along axis 0, done on the raw bits: XLA:CPU concatenates bfloat16 arrays
-    4x slower than the same bytes as uint16 (measured: 30 x 1.7 MB, 140 ms against 33 ms)."""
-    dtype = xs[0].dtype
-    if dtype == jnp.bool_ or jnp.dtype(dtype).itemsize not in (1, 2, 4, 8):
-        return jnp.concatenate(xs, axis=0)
-    raw = jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
-    return lax.bitcast_convert_type(jnp.concatenate([lax.bitcast_convert_type(x, raw) for x in xs], axis=0), dtype)
+    """jnp.concatenate along axis 0, on the raw bits (`_on_bits`)."""
+    return _on_bits(lambda v: jnp.concatenate(v, axis=0), xs)
 
 
 @functools.lru_cache(maxsize=None)
-def _stack_blocks(mesh: Mesh, spec: P):
-    """[a list of n_calls arrays of one layer per device] -> the stacked leaf in layer order (device d
-    holds layers d * n_calls ...), assembled on each device from its own blocks."""
-    return jax.jit(on_devices(concat_bits, mesh, (spec,), spec))
-
-
-def merge_layers(p: Prepared, g: Group, mesh: Mesh, inputs, prm, keys):
-    """A layered group of a method that reduces over each tensor: one call per layer (per local
-    layer when the mesh splits the layers), then the layers stacked."""
-    n = len(g.names)
-    spec, blocks = layer_split(mesh, n)
-    xs = _group_arrays(inputs, g)
-    offsets = np.asarray(g.starts, np.int32)
-    if mesh.size > 1:
-        # Each device gets its block of this slice's layers (P(): all of them) before the step,
-        # never resharded inside it: an all-gather there hands the method a buffer in another
-        # layout, and its reductions over the tensor then add in another order (1 ulp off
-        # streaming).
-        xs = [jax.device_put(x[a:a + n], NamedSharding(mesh, spec)) for x, a in zip(xs, g.starts)]
-        offsets = np.zeros_like(offsets)
-    calls = n // blocks
-    step = _layer_step(p.checked.plan.method.name, g.static, p.out_dtype, g.base is not None, mesh, spec)
-    outs = [step(xs, np.int32(i), offsets, prm, keys) for i in range(calls)]
-    stack = _stack_blocks(mesh, spec)
-    return stack([y for y, _ in outs]), stack([f for _, f in outs])
+def move_fn(sharding: NamedSharding):
+    """A layer step's output (one layer per device) moved into the leaf's sharding as soon as it
+    is made: moving the stacked leaf at once took ~4x its size in temporaries (XLA:CPU, 70B
+    up_proj on 8 devices: 16 GiB a device), one layer per device takes ~4x that layer."""
+    return jax.jit(lambda y: y, out_shardings=sharding)
 
 
 @functools.lru_cache(maxsize=None)
-def _assemble_fn(out_cfg: ModelConfig, paths: tuple, mesh: Mesh):
-    out_sh = shd.param_shardings(_abstract(out_cfg), mesh)
+def place_fn(sharding: NamedSharding, cuts: tuple[int, ...]):
+    """A leaf's merged pieces -> the output leaf in the params' sharding: each cut to its real
+    length (no padding), joined along axis 0."""
+    def place(ys):
+        parts = [y[:n] for y, n in zip(ys, cuts)]
+        return parts[0] if len(parts) == 1 else concat_bits(parts)
+    return jax.jit(place, out_shardings=sharding)
 
-    def assemble(ys):
-        pieces: dict[tuple, list] = {}
-        for path, y in zip(paths, ys):
-            pieces.setdefault(path, []).append(y)
-        out: dict = {}
-        for path, parts in pieces.items():
-            leaf = parts[0] if len(parts) == 1 else concat_bits(parts)
-            leaf = jax.lax.with_sharding_constraint(leaf, _get(out_sh, path))
-            node = out
-            for k in path[:-1]:
-                node = node.setdefault(k, {})
-            node[path[-1]] = leaf
-        return out
 
-    return jax.jit(assemble)
+def padded_params(g: Group, lay: Layout, prm, keys):
+    """A layer group's per-layer parameters and keys in the order and padding of its layers."""
+    if not g.layered:
+        return prm, keys
+    return jax.tree.map(lambda v: pad_rows(v, lay), prm), pad_rows(keys, lay)
+
+
+def merge_group(p: Prepared, g: Group, lay: Layout, mesh: Mesh, load, prm, keys, leaf: NamedSharding):
+    """(g's output as pieces [(array, real length)], its finiteness flags in layer order).
+    "steps": one piece per call, already in `leaf`, the output leaf's sharding; otherwise one
+    piece in g's layout. `load()` gives g's inputs, which live only inside this call."""
+    method = p.checked.plan.method
+    prm, keys = padded_params(g, lay, prm, keys)
+    if lay.kind == "steps":
+        step = layer_step(method.name, g.static, p.out_dtype, g.base is not None, mesh, lay.spec)
+        move = move_fn(leaf) if mesh.size > 1 else (lambda y: y)  # one device: nothing to move
+        xs = load()
+        pieces, fins = [], []
+        for i in range(lay.per_device):
+            y, f = step(xs, np.int32(i), prm, keys)
+            pieces.append((move(y), min(lay.blocks, lay.n - i * lay.blocks)))
+            fins.append(f)
+        del xs, y
+        fin = _concat(fins)
+    else:
+        base, models = g.split(load())
+        y, fin = merge_fn(method.name, g.static, p.out_dtype, lay.kind, mesh, lay.spec)(base, models, keys, prm)
+        del base, models
+        pieces = [(y, lay.n)]
+    fin.block_until_ready()  # the inputs freed before the next group's are read
+    return pieces, fin
+
+
+@jax.jit
+def _concat(xs):
+    return jnp.concatenate(xs, axis=0)
+
+
+def flag_table(fin, lay: Layout) -> np.ndarray:
+    """merge_group's flags as one row per output tensor (padding cut, row blocks combined)."""
+    fin = np.asarray(shd.host_value(fin))
+    if lay.kind in ("layers", "steps"):
+        return fin[:lay.n]
+    return fin.reshape(-1, fin.shape[-1]).all(axis=0, keepdims=True)
 
 
 def merge_arrays(p: Prepared, groups: list[Group], inputs, gparams, gkeys, mesh: Mesh, progress: bool = False):
-    """(merged params pytree, [finiteness flags per group]) from inputs already on the mesh."""
-    from jmerge.merge import get
-    method = get(p.checked.plan.method.name)
-    one = [i for i, g in enumerate(groups) if in_one_program(method, g)]
-    ys, finite = [None] * len(groups), [None] * len(groups)
-    if one:
-        if mesh not in p.compiled:
-            p.compiled[mesh] = jax.jit(memory_fn(p, [groups[i] for i in one], mesh))
-        y1, f1 = p.compiled[mesh](inputs, [gparams[i] for i in one], [gkeys[i] for i in one])
-        for i, y, f in zip(one, y1, f1):
-            ys[i], finite[i] = y, f
-    rest = [i for i, g in enumerate(groups) if not in_one_program(method, g)]
-    from tqdm.auto import tqdm
-    for i in tqdm(rest, desc="merge", unit="leaf", disable=not progress or not rest):
-        ys[i], finite[i] = merge_layers(p, groups[i], mesh, inputs, gparams[i], gkeys[i])
-    merged = _assemble_fn(p.out_cfg, tuple(g.path for g in groups), mesh)(ys)
+    """(merged params pytree in the params' shardings, [finiteness flags per group]).
+    inputs[i]: group i's arrays, as `load_inputs` gives them (memory_params reads each when
+    its group merges)."""
+    out_sh = shd.param_shardings(_abstract(p.out_cfg), mesh)
+    merged: dict = {}
+    finite, pieces = [], []
+    bar = progress_bar(len(groups), progress, "merge")
+    for i, g in enumerate(groups):
+        lay = layout(p, g, mesh)
+        leaf = _get(out_sh, g.path)
+        done, fin = merge_group(p, g, lay, mesh, lambda i=i: inputs[i], gparams[i], gkeys[i], leaf)
+        finite.append(fin)
+        pieces += done
+        del done
+        if i + 1 == len(groups) or groups[i + 1].path != g.path:
+            node = merged
+            for k in g.path[:-1]:
+                node = node.setdefault(k, {})
+            node[g.path[-1]] = _place(pieces, leaf)
+            pieces = []
+        bar.update(1)
+    bar.close()
     return merged, finite
 
 
-def _abstract(cfg: ModelConfig):
+def placed(pieces, sharding: NamedSharding) -> bool:
+    """Whether a leaf's merged pieces ((array or its abstract value, real length), ...) are
+    already the output leaf: one piece, unpadded, in the leaf's sharding."""
+    if len(pieces) != 1:
+        return False
+    y, n = pieces[0]
+    return y.shape[0] == n and y.sharding == sharding
+
+
+def _place(pieces, sharding):
+    if placed(pieces, sharding):
+        return pieces[0][0]
+    ys, cuts = zip(*pieces)
+    return place_fn(sharding, cuts)(list(ys))
+
+
+def _abstract(cfg):
     from jmerge.models.layout import abstract_params
     return abstract_params(cfg)
 
 
-def load_inputs(p: Prepared, groups: list[Group], mesh: Mesh, progress: bool = False) -> dict:
-    """Every input on the mesh: stacked layer leaves straight from the files; embeddings, final
-    norm and lm_head by HF name (vocabulary-aligned exactly as streaming aligns them)."""
-    c = p.checked
-    inputs = {}
-    for ref, m in c.models.items():
-        params = hf.load_params(m.source, m.cfg, mesh, p.compute_dtype, allow_nonfinite=True,
-                                where=m.ref, progress=progress)
-        inputs[ref] = {"layers": params["model"]["layers"], "named": {}}
-        del params
-    for g in groups:
-        if g.layered:
-            continue
-        job = p.jobs[g.names[0]]
-        for ref, x in zip(job.inputs, job_inputs(p, job)):
-            # not device_put: across processes it compares the copies, and NaN != NaN
-            inputs[ref]["named"][g.names[0]] = jax.make_array_from_callback(
-                x.shape, NamedSharding(mesh, P()), lambda index, x=x: x[index])
-    return inputs
+def load_inputs(p: Prepared, groups: list[Group], mesh: Mesh) -> list[list[jax.Array]]:
+    """Every group's inputs on the mesh at once (what merge_arrays merges; a benchmark's load)."""
+    return [load_group(p, g, layout(p, g, mesh), mesh) for g in groups]
+
+
+class _OnDemand:
+    """Group i's inputs read from the files when merge_arrays asks for them."""
+
+    def __init__(self, p: Prepared, groups: list[Group], mesh: Mesh):
+        self.p, self.groups, self.mesh = p, groups, mesh
+
+    def __getitem__(self, i: int) -> list[jax.Array]:
+        g = self.groups[i]
+        return load_group(self.p, g, layout(self.p, g, self.mesh), self.mesh)
 
 
 def memory_params(p: Prepared, mesh: Mesh, *, seed: int, progress: bool = False):
     """The merged params pytree on the mesh (raises on non-finite inputs)."""
     groups = build_groups(p)
-    inputs = load_inputs(p, groups, mesh, progress)
     gp = [group_params(p, g, seed) for g in groups]
-    merged, finite = merge_arrays(p, groups, inputs, [x[0] for x in gp], [x[1] for x in gp], mesh, progress)
+    merged, finite = merge_arrays(p, groups, _OnDemand(p, groups, mesh), [x[0] for x in gp],
+                                  [x[1] for x in gp], mesh, progress)
     bad, bad_out = [], {}
     # few bytes, but split over the layers like the group (across processes: gathered)
-    for g, fin in zip(groups, map(shd.host_value, finite)):
-        fin = np.asarray(fin).reshape(len(g.names), -1)
-        for row, name in zip(fin, g.names):
+    for g, fin in zip(groups, finite):
+        for row, name in zip(flag_table(fin, layout(p, g, mesh)), g.names):
             ins, out_ok = flag_rows(row)
             bad += [f"{r}: {p.jobs[name].in_names[k]}" for k, (ok, r) in enumerate(zip(ins, g.inputs)) if not ok]
             if not out_ok:

@@ -74,8 +74,6 @@ class Prepared:
     chat_template: str | None
     jobs: dict[str, TensorJob]
     masks: MaskFiles
-    # jitted in-memory merge per mesh: re-merging with new parameter values reuses it
-    compiled: dict = dataclasses.field(default_factory=dict)
     allow_nonfinite: bool = False  # write NaN/Inf inputs and outputs instead of refusing them
     warnings: list[str] = dataclasses.field(default_factory=list)
 
@@ -93,17 +91,17 @@ def prepare(c: Checked, *, allow_nonfinite: bool = False) -> Prepared:
     plan = c.plan
     tp = plan_tokenizer(c)
     ref = c.models[c.ref_model]
-    out_dtype = (_np_dtype(plan.out_dtype) if plan.out_dtype
+    out_dtype = (np_dtype(plan.out_dtype) if plan.out_dtype
                  else np.dtype(ref.source.dtype("model.embed_tokens.weight")))
     out_cfg = out_config(plan, c.models, c.ref_model, c.resolved, tp.rows if tp else None, out_dtype.name)
     layout = hf.hf_layout(out_cfg)
     jobs = {j.out_name: with_host_params(plan.method, j, layout.get(j.out_name)) for j in c.resolved.jobs}
-    return Prepared(c, out_cfg, out_dtype, _np_dtype(plan.dtype) if plan.dtype else None, tp,
+    return Prepared(c, out_cfg, out_dtype, np_dtype(plan.dtype) if plan.dtype else None, tp,
                     resolve_chat_template(c), jobs, MaskFiles(Path(plan.path).resolve().parent),
                     allow_nonfinite=allow_nonfinite)
 
 
-def _np_dtype(name: str) -> np.dtype:
+def np_dtype(name: str) -> np.dtype:
     import ml_dtypes
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
@@ -140,13 +138,13 @@ def embedding_inputs(p: Prepared, job: TensorJob) -> dict[str, np.ndarray]:
     refs = list(dict.fromkeys(job.inputs))
     base = c.plan.slices[job.slice].base_model or c.plan.base_model
     extra = [base] if base and base not in refs and base in c.models else []
-    arrays = {r: read_tensor(c.models[r], _embed_name(c.models[r], job.out_name), p.compute_dtype)
+    arrays = {r: read_tensor(c.models[r], embed_name(c.models[r], job.out_name), p.compute_dtype)
               for r in refs + extra}
     out = permute_embeddings(arrays, p.tokenizer, base)
     return {r: out[r] for r in refs}
 
 
-def _embed_name(m: ModelInput, name: str) -> str:
+def embed_name(m: ModelInput, name: str) -> str:
     # a tied model has no lm_head: its embedding is the head
     if name == "lm_head.weight" and m.cfg.tie_word_embeddings:
         return "model.embed_tokens.weight"

@@ -1,19 +1,17 @@
 """The entry point: a config (or plan) and an output directory -> a merged HF directory, streamed
-or in memory (`choose_mode`), optionally with an orbax copy."""
+or in memory (`footprint.choose_mode`), optionally with an orbax copy."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 from pathlib import Path
 
-import jax
-
 from jmerge import sharding as shd
 from jmerge.engine.config import load_plan
-from jmerge.engine.inputs import Checked, check_plan, plan_inputs
+from jmerge.engine.footprint import choose_mode
+from jmerge.engine.inputs import check_plan, plan_inputs
 from jmerge.engine.memory import memory_merge
 from jmerge.engine.options import MergeOptions
 from jmerge.engine.plan import MergePlan
@@ -21,33 +19,6 @@ from jmerge.engine.prepare import prepare
 from jmerge.engine.stream import stream_merge
 from jmerge.io import hf
 from jmerge.io.atomic import check_target
-
-# Streaming is chosen when the inputs would take more than this share of available memory.
-STREAM_FRACTION = 0.45
-
-
-def available_memory() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def choose_mode(c: Checked, mode: str) -> str:
-    """On CPU streaming is both faster and smaller (measured: scripts/bench_merge.py), so `auto`
-    streams there; on accelerators it merges in memory when the inputs fit."""
-    if mode in ("stream", "memory"):
-        return mode
-    devs = jax.devices()
-    if devs[0].platform == "cpu":
-        return "stream"
-    need = sum(m.nbytes() for m in c.models.values())
-    stats = devs[0].memory_stats() or {}
-    limit = min(available_memory(), stats.get("bytes_limit", 0) * len(devs))
-    return "stream" if need > STREAM_FRACTION * limit else "memory"
 
 
 @dataclasses.dataclass
@@ -75,8 +46,8 @@ def merge(config: str | Path | MergePlan, out: str | Path, options: MergeOptions
         check_target(options.orbax, options.force, inputs, outputs=[out])
     c = check_plan(plan)
     p = prepare(c, allow_nonfinite=options.allow_nonfinite)
-    mode = choose_mode(c, options.mode)
     mesh = options.mesh
+    mode = choose_mode(p, options.mode, mesh or shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
     if mode == "stream":
         stream_merge(p, out, options)
     else:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jmerge.config import ModelConfig
+from jmerge.models.attention import attention
 
 Params = dict[str, Any]
 
@@ -92,20 +93,10 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(ck, li, 0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False)
             kv_cache = (ck, cv, li)
-        s = k.shape[1]
-        q_slot = start + jnp.arange(t)[:, None]
-        k_slot = jnp.arange(s)[None, :]
-        allowed = (k_slot <= q_slot) & ((window == 0) | (q_slot - k_slot < window))
-        allowed = allowed[None] & key_mask[:, None, :].astype(bool)  # [B, T, S]
-
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores * (cfg.head_dim ** -0.5)
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
-        return self.o_proj(out.astype(x.dtype)), kv_cache
+        if len(set(cfg.layer_windows)) <= 1:  # one window for all layers: static, as fused kernels need
+            window = cfg.layer_windows[0] if cfg.layer_windows else 0
+        out = attention(q, k, v, start=start, window=window, key_mask=key_mask, scale=cfg.head_dim ** -0.5)
+        return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(x.dtype)), kv_cache
 
 
 class MLP(nnx.Module):

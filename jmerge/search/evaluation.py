@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from jmerge.errors import JmergeError
 from jmerge.search.outputs import slug
@@ -45,9 +45,11 @@ def eval_sets(ev: EvalSettings) -> tuple[dict, str | None, list]:
     return sets, over_source, tasks
 
 
-def evaluate(job: SearchRun, models: list[tuple[str, dict, dict]], prepared: tuple) -> dict:
+def evaluate(job: SearchRun, models: Iterable[tuple[str, dict, dict]], prepared: tuple) -> dict:
     """Every model through the eval suites with one Runtime: compiled once, params swapped.
-    `prepared`: what `eval_sets` returned for the job's config."""
+    `models`: (name, params, info), each let go after its suites (so merges that a generator
+    makes on demand are in memory one at a time). `prepared`: what `eval_sets` returned for the
+    job's config."""
     from jmerge.eval import suites as S
     from jmerge.eval.runtime import Runtime
     ev = job.c.eval
@@ -58,6 +60,7 @@ def evaluate(job: SearchRun, models: list[tuple[str, dict, dict]], prepared: tup
     entries = []
     for name, params, info in tqdm(models, desc="evaluate", unit="model", disable=not job.progress):
         suites = S.run_suites(params, rt, {**sets, "domain": tasks} if tasks else sets)
+        del params  # before the next one is made
         entries.append(dict(name=name, path=str(job.out / "models" / slug(name)) if name.startswith("searched:") else "",
                             info=info, suites=suites))
     settings = dict(config=str(job.c.source), eval={k: str(v) for k, v in ev.to_json().items()},

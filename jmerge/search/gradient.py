@@ -29,9 +29,10 @@ from jmerge import data
 from jmerge import sharding as shd
 from jmerge.checkpoint import RunCheckpoint, fingerprint
 from jmerge.errors import JmergeError
-from jmerge.search.merged import materialise, merged_forward, task_vectors, weighted_ce
+from jmerge.objectives import token_logprobs
+from jmerge.search.merged import materialise_jit, merged_hidden, task_vectors, weighted_ce, weighted_nll
 from jmerge.search.parametrisations import Masks
-from jmerge.search.preference import dpo_objective, preference_batches, reference_logprobs
+from jmerge.search.preference import dpo_term, preference_batches, reference_logprobs
 
 OBJECTIVES = ("ce", "dpo")
 
@@ -80,15 +81,14 @@ def mixed_stream(typed: dict[str, tuple[list[data.Example], float]], batch_size:
         yield batch
 
 
-def _objective(logits, batch, spec: SearchSpec):
+def _objective(out, batch, spec: SearchSpec):
+    """`out`: the merged model's logits or `Hidden`; one projection serves both terms."""
+    lp = token_logprobs(out, batch["input_ids"])
     if spec.objective == "dpo":
-        return dpo_objective(logits, batch, spec.beta)
-    loss = weighted_ce(logits, batch)
+        return dpo_term(lp, batch, spec.beta)
+    loss = weighted_nll(lp, batch)
     if "ref_logprob" in batch:  # a preference type joined: its rows are the batch's last
-        n = batch["ref_logprob"].shape[0]
-        tail = {"input_ids": batch["input_ids"][-n:], "loss_mask": batch["loss_mask"][-n:],
-                "ref_logprob": batch["ref_logprob"]}
-        loss = loss + batch["pref_weight"] * dpo_objective(logits[-n:], tail, spec.beta)
+        loss = loss + batch["pref_weight"] * dpo_term(lp, batch, spec.beta)
     return loss
 
 
@@ -98,11 +98,10 @@ def _optimizer(spec: SearchSpec):
     return optax.adam(sched)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "param", "spec"), donate_argnums=(0, 1))
-def _step(theta, opt_state, base, tvs, batch, key, *, cfg, param, spec: SearchSpec):
+@functools.partial(jax.jit, static_argnames=("cfg", "param", "spec", "mesh"), donate_argnums=(0, 1))
+def _step(theta, opt_state, base, tvs, batch, key, *, cfg, param, spec: SearchSpec, mesh=None):
     def loss_fn(theta):
-        logits = merged_forward(base, tvs, theta, cfg, batch, param, key=key)
-        loss = _objective(logits, batch, spec)
+        loss = _objective(merged_hidden(base, tvs, theta, cfg, batch, param, key=key, mesh=mesh), batch, spec)
         if isinstance(param, Masks) and spec.sparsity:
             probs = jax.tree.leaves(jax.tree.map(lambda t: jnp.mean(jax.nn.sigmoid(t)), theta))
             loss = loss + spec.sparsity * sum(probs) / len(probs)
@@ -115,10 +114,10 @@ def _step(theta, opt_state, base, tvs, batch, key, *, cfg, param, spec: SearchSp
     return theta, opt_state, loss
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "param"))
-def batch_loss(theta, base, tvs, batch, key, *, cfg, param):
+@functools.partial(jax.jit, static_argnames=("cfg", "param", "mesh"))
+def batch_loss(theta, base, tvs, batch, key, *, cfg, param, mesh=None):
     """The objective on one batch without gradients (scoring candidates, validation)."""
-    return weighted_ce(merged_forward(base, tvs, theta, cfg, batch, param, key=key), batch)
+    return weighted_ce(merged_hidden(base, tvs, theta, cfg, batch, param, key=key, mesh=mesh), batch)
 
 
 def _targets(rows) -> int:
@@ -126,7 +125,7 @@ def _targets(rows) -> int:
     return sum(int(r.loss_mask.sum()) for r in rows if hasattr(r, "loss_mask"))
 
 
-def _mesh(tree):
+def mesh_of(tree):
     """The mesh that a params pytree lives on; None for plain single-device arrays."""
     s = getattr(jax.tree.leaves(tree)[0], "sharding", None)
     return s.mesh if isinstance(s, NamedSharding) else None
@@ -139,30 +138,68 @@ def _global(x, sharding: NamedSharding):
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def place_batch(batch: dict, mesh):
-    """Host arrays onto the mesh, rows split over data x fsdp when they divide (else replicated)."""
-    if mesh is None:
-        return batch
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+def _padded(batch: dict, mesh, tail: int = 0) -> dict:
+    """Host arrays with their rows padded to a multiple of data x fsdp: zero-weight rows (no loss,
+    every token attended, so no row of attention is empty) inserted before the last `tail` rows,
+    which stay last (the preference triples the objectives find there)."""
+    rows = next(x.shape[0] for x in batch.values() if not isinstance(x, jax.Array) and np.ndim(x))
+    pad = -rows % (mesh.shape["data"] * mesh.shape["fsdp"])
 
-    def put(x):
-        if isinstance(x, jax.Array):
+    def grow(name, x):
+        if pad == 0 or isinstance(x, jax.Array) or not np.ndim(x):
             return x
-        split = x.ndim and x.shape[0] % rows == 0
-        return _global(x, shd.batch_sharding(mesh, x.ndim) if split else shd.replicated(mesh))
-    return {k: put(v) for k, v in batch.items()}
+        fill = np.full((pad,) + x.shape[1:], 1 if name == "attention_mask" else 0, x.dtype)
+        return np.concatenate([x[:rows - tail], fill, x[rows - tail:]])
+    return {k: grow(k, v) for k, v in batch.items()}
+
+
+def _batch_sharding(x, mesh):
+    return shd.batch_sharding(mesh, x.ndim) if np.ndim(x) else shd.replicated(mesh)
+
+
+def place_batch(batch: dict, mesh, tail: int = 0, put=None):
+    """Host arrays onto the mesh, rows padded (see `_padded`) and split over data x fsdp."""
+    if mesh is None:
+        return batch if put is None else {k: put(v, None) for k, v in batch.items()}
+    put = put or _global
+    return {k: v if isinstance(v, jax.Array) else put(v, _batch_sharding(v, mesh))
+            for k, v in _padded(batch, mesh, tail).items()}
+
+
+def step_batch(batch: dict, mesh, spec: SearchSpec, reference, put=None) -> dict:
+    """A host batch as the step takes it: placed on the mesh (`put(host array, sharding)`,
+    default `_global`), and with the DPO reference's log-probabilities of its triples (the whole
+    batch for the dpo objective, the last 2·batch_size rows for a joined type) from
+    `reference(placed triple rows, their count)`."""
+    rows = batch["input_ids"].shape[0]
+    tail = rows if spec.objective == "dpo" else 2 * spec.batch_size if "pref_weight" in batch else 0
+    placed = place_batch(batch, mesh, tail, put)
+    if tail:
+        triples = {k: batch[k][-tail:] for k in ("input_ids", "attention_mask", "loss_mask")}
+        placed["ref_logprob"] = reference(place_batch(triples, mesh, tail, put), tail)
+    return placed
+
+
+@functools.lru_cache(maxsize=8)
+def _replicator(mesh):
+    return jax.jit(lambda x: x, out_shardings=shd.replicated(mesh))
+
+
+def _theta_sharding(t, mesh):
+    """Leaves already on the mesh (mask logits shaped like the params) stay; the rest (small
+    coefficient arrays) are replicated over it, so checkpoints restore onto the same layout."""
+    where = getattr(t, "sharding", None)
+    return where if isinstance(where, NamedSharding) and where.mesh == mesh else shd.replicated(mesh)
 
 
 def place_theta(theta, mesh):
-    """Leaves already on the mesh (mask logits shaped like the params) stay; the rest (small
-    coefficient arrays) are replicated over it, so checkpoints restore onto the same layout."""
+    """Theta's leaves onto the mesh (see `_theta_sharding`)."""
     if mesh is None:
         return theta
 
     def put(t):
-        if isinstance(getattr(t, "sharding", None), NamedSharding) and t.sharding.mesh == mesh:
-            return t
-        return _global(jax.device_get(t), shd.replicated(mesh))
+        where = _theta_sharding(t, mesh)
+        return t if where is getattr(t, "sharding", None) else _global(jax.device_get(t), where)
     return jax.tree.map(put, theta)
 
 
@@ -181,7 +218,7 @@ class GradientSearch:
             raise JmergeError("the dpo objective needs a reference model")
         self.prefs = None  # (preference triples, weight) joined to a ce objective, set by fit
         self.cfg, self.base, self.param, self.spec, self.reference = cfg, base, param, spec, reference
-        self.mesh = _mesh(base)
+        self.mesh = mesh_of(base)
         self.tvs = task_vectors(base, experts)
         self.theta = place_theta(theta0, self.mesh)
         # on the mesh like theta (optax's step count is made uncommitted): else step 2 recompiles
@@ -204,17 +241,10 @@ class GradientSearch:
         return mixed_stream(typed, self.spec.batch_size, self.spec.seed, pad_id, joined)
 
     def _device_batch(self, batch: dict) -> dict:
-        if self.spec.objective == "dpo":
-            batch = place_batch(batch, self.mesh)
-            batch["ref_logprob"] = reference_logprobs(self.reference, batch, cfg=self.cfg)
-        elif "pref_weight" in batch:
-            n = 2 * self.spec.batch_size
-            tail = place_batch({k: batch[k][-n:] for k in ("input_ids", "attention_mask", "loss_mask")}, self.mesh)
-            batch = place_batch(batch, self.mesh)
-            batch["ref_logprob"] = reference_logprobs(self.reference, tail, cfg=self.cfg)
-        else:
-            batch = place_batch(batch, self.mesh)
-        return batch
+        def reference(ref_batch, rows):
+            lp = reference_logprobs(self.reference, ref_batch, cfg=self.cfg, rows=rows)
+            return lp if self.mesh is None else _replicator(self.mesh)(lp)
+        return step_batch(batch, self.mesh, self.spec, reference)
 
     def fit(self, typed, pad_id=0, ckpt_dir: str | Path | None = None, progress=True, log=None, prefs=None):
         """`prefs`: (preference triples, weight), a DPO term joined to the ce objective."""
@@ -252,7 +282,7 @@ class GradientSearch:
             batch = self._device_batch(next(stream))
             theta, opt_state, loss = _step(self.theta, self.opt_state, self.base, self.tvs, batch,
                                            jax.random.fold_in(key0, self.step), cfg=self.cfg,
-                                           param=self.param, spec=self.spec)
+                                           param=self.param, spec=self.spec, mesh=self.mesh)
             loss = float(loss)
             if not np.isfinite(loss):
                 where = f"; the last good checkpoint is in {ckpt_dir}" if ckpt_dir else ""
@@ -272,4 +302,41 @@ class GradientSearch:
         """The merged params (for masks, pass the export parametrisation: soft/threshold/sample)."""
         param = param or self.param
         key = jax.random.PRNGKey(self.spec.seed if seed is None else seed)
-        return jax.jit(materialise, static_argnames=("param",))(self.base, self.tvs, self.theta, param=param, key=key)
+        return materialise_jit(self.base, self.tvs, self.theta, param=param, key=key)
+
+
+def search_programs(cfg, base, experts, param, spec: SearchSpec, rows: int, length: int,
+                    reference=None) -> dict[str, jax.stages.Lowered]:
+    """Every program a gradient search compiles (`GradientSearch` and `merged`), lowered from
+    abstract inputs through the same jitted functions and placement rules as a real run: `base`,
+    `experts` and `reference` (the DPO reference model: the dpo objective, or a ce objective with
+    a joined preference type) are pytrees of jax.ShapeDtypeStruct laid out as the run lays them
+    out (`sharding.param_shardings`); `rows` x `length` is one step's batch (a joined type's
+    2·batch_size triple rows included). Keys: reference (when one is given), step,
+    materialise (of `param` itself; an export's mask mode changes no shape)."""
+    mesh = mesh_of(base)
+
+    def put(x, sharding):
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+    replicated = None if mesh is None else shd.replicated(mesh)
+    tvs = task_vectors(base, experts)
+    theta = param.layout(base) if isinstance(param, Masks) else jax.eval_shape(lambda: param.theta0(cfg.num_layers))
+    theta = theta if mesh is None else jax.tree.map(lambda t: put(t, _theta_sharding(t, mesh)), theta)
+    opt = _optimizer(spec)
+    opt_state = optax.tree_map_params(opt, lambda s, t: put(s, t.sharding), jax.eval_shape(opt.init, theta), theta,
+                                      transform_non_params=lambda s: put(s, replicated))
+    host = {k: np.zeros((rows, length), np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+    if spec.objective == "ce":
+        host["weight"] = np.zeros((rows, length), np.float32)
+        if reference is not None:
+            host["pref_weight"] = np.float32(0)
+    programs = {}
+
+    def lower_reference(triples, n):
+        programs["reference"] = reference_logprobs.lower(reference, triples, cfg=cfg, rows=n)
+        return jax.ShapeDtypeStruct((n,), jnp.float32, sharding=replicated)
+    batch = step_batch(host, mesh, spec, lower_reference, put)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+    programs["step"] = _step.lower(theta, opt_state, base, tvs, batch, key, cfg=cfg, param=param, spec=spec, mesh=mesh)
+    programs["materialise"] = materialise_jit.lower(base, tvs, theta, param=param, key=key)
+    return programs

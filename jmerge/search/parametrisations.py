@@ -110,23 +110,27 @@ class Masks:
         return shape
 
     def theta0(self, base) -> dict:
-        """Logits laid out like the params they mask (sharded alike when the params are on a
-        mesh; a row mask's size-1 axis is not split)."""
+        """Logits laid out like the params they mask (see `layout`)."""
+        return jax.tree.map(lambda x: jnp.full(x.shape, self.init, x.dtype, device=x.sharding), self.layout(base))
+
+    def layout(self, base) -> dict:
+        """The logits' shapes (float32), sharded like the params when those are on a mesh (a row
+        mask's size-1 axis is not split); `base` may be abstract."""
         from jmerge.search.merged import split_layers
         layers, rest = split_layers(base)
         n = 1 if self.shared else self.k
 
-        def full(x, stacked):
+        def leaf(x, stacked):
             shape = self._logit_shape(tuple(x.shape), stacked)
             where = getattr(x, "sharding", None)
             if not isinstance(where, NamedSharding):
-                return jnp.full(shape, self.init, jnp.float32)
+                return jax.ShapeDtypeStruct(shape, jnp.float32)
             spec = (tuple(where.spec) + (None,) * len(shape))[:len(shape)]
             spec = spec if shape == tuple(x.shape) else spec[:-1] + (None,)
-            return jnp.full(shape, self.init, jnp.float32, device=NamedSharding(where.mesh, P(*spec)))
+            return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(where.mesh, P(*spec)))
 
         def logits(tree, stacked):
-            return [jax.tree.map(lambda x: full(x, stacked), tree) for _ in range(n)]
+            return [jax.tree.map(lambda x: leaf(x, stacked), tree) for _ in range(n)]
         return {"layers": logits(layers, True), "rest": logits(rest, False)}
 
     def sample(self, logit, key):

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmerge.errors import JmergeError
-from jmerge.models import llama
-from jmerge.search.gradient import batch_loss
+from jmerge.objectives import hidden
+from jmerge.search.gradient import batch_loss, mesh_of
 from jmerge.search.merged import task_vectors, weighted_ce
 from jmerge.search.parametrisations import MethodSettings
 
@@ -36,14 +36,14 @@ def evolve(cfg, base, experts, param: MethodSettings, init: dict[str, float], ba
     """CMA-ES minimising the summed objective over fixed `batches`. Returns (best theta, loss)."""
     import cma
     from tqdm.auto import tqdm
-    tvs = task_vectors(base, experts)
+    tvs, mesh = task_vectors(base, experts), mesh_of(base)
     theta0 = param.theta0(cfg.num_layers, init)
     flat0, unflatten = jax.flatten_util.ravel_pytree(theta0)
     key = jax.random.PRNGKey(spec.seed)
 
     def score(flat):
         theta = unflatten(jnp.asarray(flat, jnp.float32))
-        return sum(float(batch_loss(theta, base, tvs, b, key, cfg=cfg, param=param)) for b in batches)
+        return sum(float(batch_loss(theta, base, tvs, b, key, cfg=cfg, param=param, mesh=mesh)) for b in batches)
 
     opts = {"seed": spec.seed + 1, "bounds": list(spec.bounds), "verbose": -9}
     if spec.popsize:
@@ -73,7 +73,7 @@ def cocktail_weights(cfg, models: list, batches: list[dict], temperature: float 
     """LM-Cocktail: w = softmax(−L_m / T) from each model's objective on the data."""
     if temperature <= 0:
         raise JmergeError(f"cocktail temperature must be positive (got {temperature})")
-    fn = jax.jit(lambda p, b: weighted_ce(llama.forward(p, cfg, b["input_ids"], b["attention_mask"]), b))
+    fn = jax.jit(lambda p, b: weighted_ce(hidden(p, cfg, b["input_ids"], b["attention_mask"]), b))
     losses = np.array([np.mean([float(fn(m, b)) for b in batches]) for m in models])
     z = -losses / temperature
     w = np.exp(z - z.max())

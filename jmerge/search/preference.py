@@ -73,15 +73,24 @@ def preference_batches(prefs: list[Preference], batch_size: int, seed: int, pad_
         yield data.collate(rows, data.bucket(max(len(r.ids) for r in rows)), 2 * batch_size, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def reference_logprobs(params, batch, *, cfg):
-    """Summed answer log-probabilities of the fixed reference model per row."""
-    return sequence_logprob(params, cfg, batch)[0]
+@functools.partial(jax.jit, static_argnames=("cfg", "rows"))
+def reference_logprobs(params, batch, *, cfg, rows=None):
+    """Summed answer log-probabilities of the fixed reference model per row (of the last `rows`
+    rows: a batch padded for the mesh carries its padding before its triples)."""
+    lp = sequence_logprob(params, cfg, batch)[0]
+    return lp if rows is None else lp[-rows:]
 
 
-def dpo_objective(logits, batch, beta: float):
-    """DPO of the model that produced `logits` (the policy) against `batch['ref_logprob']`."""
-    lp = (token_logprobs(logits, batch["input_ids"]) * batch["loss_mask"]).sum(axis=1)
+def dpo_objective(out, batch, beta: float):
+    """DPO of the model that produced `out` (the policy: logits or `Hidden`) against
+    `batch['ref_logprob']`."""
+    return dpo_term(token_logprobs(out, batch["input_ids"]), batch, beta)
+
+
+def dpo_term(lp, batch, beta: float):
+    """The same from the policy's token log-probabilities [B, T]; the triples are the batch's last
+    rows, as many as `ref_logprob` has (chosen answers first)."""
     ref = batch["ref_logprob"]
-    n = lp.shape[0] // 2
-    return dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta)
+    seq = (lp * batch["loss_mask"]).sum(axis=1)[-ref.shape[0]:]
+    n = ref.shape[0] // 2
+    return dpo_loss(seq[:n], seq[n:], ref[:n], ref[n:], beta)

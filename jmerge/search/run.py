@@ -6,7 +6,9 @@ parameters and one report (`jmerge.search.outputs`, which also lays out the outp
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import time
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ from jmerge import data
 from jmerge.errors import JmergeError
 from jmerge.search.evaluation import eval_sets, evaluate
 from jmerge.search.gradient import GradientSearch, SearchSpec, mixed_stream
-from jmerge.search.merged import materialise, task_vectors
+from jmerge.search.merged import materialise_jit, task_vectors
 from jmerge.search.outputs import save_masks, write_outputs
 from jmerge.search.parametrisations import Coefficients, Masks, MethodSettings, _paths
 from jmerge.search.population import EvolveSpec, cocktail_weights, evolve, linear_merge
@@ -150,8 +152,7 @@ class SearchRun:
         theta, best = evolve(self.model_cfg, self.base, list(self.experts.values()), param, init, batches, spec,
                              self.progress, log)
         tvs = task_vectors(self.base, list(self.experts.values()))
-        merged = jax.jit(materialise, static_argnames=("param",))(self.base, tvs, theta, param=param,
-                                                                   key=jax.random.PRNGKey(self.c.seed))
+        merged = materialise_jit(self.base, tvs, theta, param=param, key=jax.random.PRNGKey(self.c.seed))
         info = dict(method=s.method, experts=names, best_loss=best,
                     theta=jax.tree.map(lambda x: np.asarray(x).tolist(), theta))
         self.results[f"searched:evolve-{s.method}"] = dict(params=merged, info=info)
@@ -164,22 +165,20 @@ class SearchRun:
         self.results["searched:cocktail"] = dict(params=merged, info=dict(experts=names, weights=w.tolist(),
                                                                            losses=losses.tolist()))
 
-    def sweep_points(self, s: SweepSearch) -> list[tuple[str, dict, dict]]:
+    # Sweep points and baselines are generators: each merge is made when the evaluation asks for
+    # it and let go after its suites, so one of them is in memory at a time.
+    def sweep_points(self, s: SweepSearch) -> Iterator[tuple[str, dict, dict]]:
         tvs = task_vectors(self.base, [self.experts[s.domain], self.experts[s.align]])
         param = Coefficients(k=2)
-        make = jax.jit(materialise, static_argnames=("param",))
-        points = []
         for a in s.alpha:
             for b in s.beta:
                 theta = {"layers": jnp.broadcast_to(jnp.asarray([[a], [b]], jnp.float32), (self.model_cfg.num_layers, 2, 1)),
                          "rest": jnp.asarray([a, b], jnp.float32)}
-                points.append((f"sweep:mergealign a={a:g} b={b:g}", make(self.base, tvs, theta, param=param),
-                               dict(alpha=a, beta=b)))
-        return points
+                yield (f"sweep:mergealign a={a:g} b={b:g}", materialise_jit(self.base, tvs, theta, param=param),
+                       dict(alpha=a, beta=b))
 
-    def baselines(self) -> list[tuple[str, dict, dict]]:
-        out, names = [], list(self.experts)
-        make = jax.jit(materialise, static_argnames=("param",))
+    def baselines(self) -> Iterator[tuple[str, dict, dict]]:
+        names = list(self.experts)
         tvs = task_vectors(self.base, list(self.experts.values()))
         for b in self.c.baselines:
             if b == "mergealign":
@@ -187,14 +186,13 @@ class SearchRun:
                     continue
                 param = Coefficients(k=2)
                 theta = {"layers": jnp.full((self.model_cfg.num_layers, 2, 1), 0.5), "rest": jnp.full((2,), 0.5)}
-                out.append(("fixed:mergealign 0.5/0.5", make(self.base, tvs, theta, param=param), {}))
+                yield "fixed:mergealign 0.5/0.5", materialise_jit(self.base, tvs, theta, param=param), {}
                 continue
             method, values = BASELINE_SETTINGS[b]
             param = MethodSettings(method, len(names), tuple(values))
             theta = param.theta0(self.model_cfg.num_layers, values)
-            merged = make(self.base, tvs, theta, param=param, key=jax.random.PRNGKey(self.c.seed))
-            out.append((f"fixed:{b}", merged, dict(values)))
-        return out
+            yield (f"fixed:{b}", materialise_jit(self.base, tvs, theta, param=param, key=jax.random.PRNGKey(self.c.seed)),
+                   dict(values))
 
 
 def _select(rows: list[dict], spec, name: str) -> list[dict]:
@@ -227,12 +225,10 @@ def run(cfg: SearchConfig, progress: bool = True) -> dict:
         if name in cfg.searches:
             _log(f"search: {name}")
             getattr(job, name)(cfg.searches[name])
-    models = [("base", job.base, {})] + [(f"expert:{n}", p, {}) for n, p in job.experts.items()]
-    models += job.baselines()
-    models += [(n, r["params"], r["info"]) for n, r in job.results.items()]
-    if "sweep" in cfg.searches:
-        models += job.sweep_points(cfg.searches["sweep"])
-    report = evaluate(job, models, sets)
+    held = [("base", job.base, {})] + [(f"expert:{n}", p, {}) for n, p in job.experts.items()]
+    searched = [(n, r["params"], r["info"]) for n, r in job.results.items()]
+    sweep = job.sweep_points(cfg.searches["sweep"]) if "sweep" in cfg.searches else []
+    report = evaluate(job, itertools.chain(held, job.baselines(), searched, sweep), sets)
     report["settings"]["seconds"] = time.perf_counter() - t0
     write_outputs(job, report)
     return report
