@@ -145,7 +145,8 @@ def _arg_names(lowered) -> list[str] | None:
     return list(names) if names else None
 
 
-def _tensor_bytes(shape, dtype, sharding) -> int:
+def tensor_bytes(shape, dtype, sharding) -> int:
+    """Bytes of one device's shard of an array."""
     import numpy as np
     return math.prod(sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
 
@@ -165,7 +166,7 @@ def argument_bytes(lowered, compiled) -> dict[str, list[tuple[str, int]]]:
         if sharding is None or jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):
             continue  # unused, or a PRNG key (a few bytes)
         top = re.split(r"[\[.]", name, maxsplit=1)[0]
-        out.setdefault(top, []).append((name, _tensor_bytes(aval.shape, aval.dtype, sharding)))
+        out.setdefault(top, []).append((name, tensor_bytes(aval.shape, aval.dtype, sharding)))
     return out
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jmerge import sharding as shd
+from jmerge.dryrun import size, tensor_bytes
 from jmerge.errors import JmergeError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -246,7 +247,11 @@ def search(a, devices, memory, platform):
         from jmerge.eval.runtime import scoring_program
         programs["eval:score"] = scoring_program(cfg, base, mesh, ev.batch_size, prompt)
     notes.append(f"eval: generation batch {ev.batch_size} x ({prompt} prompt + {ev.max_new_tokens} new) tokens")
-    return programs, mesh, notes, {}
+    # Not in any program's own peak: the run keeps these loaded while it evaluates and exports.
+    held = sum(tensor_bytes(x.shape, x.dtype, x.sharding) for t in (base, *experts.values()) for x in jax.tree.leaves(t))
+    notes.append(f"held throughout the run: the base and {len(experts)} experts, {size(held)} per device, beside "
+                 "the eval programs (which take only the merged model)")
+    return programs, mesh, notes, {"held_beside_eval": held}
 
 
 # ------------------------------------------------------------------------------------- merge
