@@ -12,12 +12,13 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from jmerge import sharding as shd
 from jmerge.errors import JmergeError
 from jmerge.generate import Generator, Sampling, bucket_length, default_eos_ids
 from jmerge.models import llama
+from jmerge.objectives import head_weight
 
 def _tail_logprobs(params, ids, mask, target, *, cfg, k: int):
     """Summed log-prob of the last k tokens of each left-padded row, where target [B, k] is 1.
@@ -26,8 +27,7 @@ def _tail_logprobs(params, ids, mask, target, *, cfg, k: int):
     full [B, T, V] logits would dominate memory for long contexts.
     """
     h = llama.forward(params, cfg, ids, mask, return_hidden=True)  # final-normed hidden states
-    head = params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    logits = jnp.einsum("btd,vd->btv", h[:, -k - 1:-1], head, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,vd->btv", h[:, -k - 1:-1], head_weight(params, cfg), preferred_element_type=jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, ids[:, -k:, None], axis=-1)[..., 0]
     return jnp.sum(picked * target, axis=1)
@@ -38,8 +38,8 @@ _tail_logprobs_jit = jax.jit(_tail_logprobs, static_argnames=("cfg", "k"))
 
 def _batch_sharding(mesh, rows: int) -> NamedSharding:
     """A scoring batch's rows over data x fsdp when they divide, else replicated."""
-    spec = P(("data", "fsdp"), None) if rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else P()
-    return NamedSharding(mesh, spec)
+    divides = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+    return shd.batch_sharding(mesh, 2) if divides else shd.replicated(mesh)
 
 
 def scoring_program(cfg, params, mesh, rows: int, length: int, k: int = 8) -> jax.stages.Lowered:

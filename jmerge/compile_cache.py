@@ -18,11 +18,15 @@ from jmerge.default_model import cache_root
 MIN_COMPILE_SECS = 0.2
 
 
-def persistent_compile_cache() -> Path | None:
-    """Turn the cache on; returns the directory for the merge engine's exported programs
-    (None: off)."""
+def exported_dir() -> Path | None:
+    """The directory for the merge engine's exported programs (None: the cache is off)."""
+    return None if os.environ.get("JMERGE_NO_COMPILE_CACHE") else cache_root() / "exported"
+
+
+def persistent_compile_cache() -> None:
+    """Turn the cache on (every command, from `jmerge.cli.run`)."""
     if os.environ.get("JMERGE_NO_COMPILE_CACHE"):
-        return None
+        return
     settings = {"jax_compilation_cache_dir": str(cache_root() / "xla"),
                 "jax_persistent_cache_min_compile_time_secs": MIN_COMPILE_SECS}
     if "jax" in sys.modules:
@@ -32,4 +36,3 @@ def persistent_compile_cache() -> Path | None:
     else:  # jax reads these when it is imported: a command that never compiles never imports it
         for name, value in settings.items():
             os.environ[name.upper()] = str(value)
-    return cache_root() / "exported"

@@ -17,7 +17,6 @@ Which programs a command runs is its library's business (`jmerge.dryrun_programs
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -145,15 +144,11 @@ def _arg_names(lowered) -> list[str] | None:
     return list(names) if names else None
 
 
-def tensor_bytes(shape, dtype, sharding) -> int:
-    """Bytes of one device's shard of an array."""
-    import numpy as np
-    return math.prod(sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
-
-
 def argument_bytes(lowered, compiled) -> dict[str, list[tuple[str, int]]]:
     """Per top-level argument name: (leaf name, per-device bytes) of each of its leaves."""
     import jax
+
+    from jmerge import sharding as shd
     infos = jax.tree.leaves(lowered.args_info)
     # None: an argument the program does not use (XLA drops it)
     shardings = jax.tree.leaves(compiled.input_shardings, is_leaf=lambda x: x is None)
@@ -166,7 +161,8 @@ def argument_bytes(lowered, compiled) -> dict[str, list[tuple[str, int]]]:
         if sharding is None or jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):
             continue  # unused, or a PRNG key (a few bytes)
         top = re.split(r"[\[.]", name, maxsplit=1)[0]
-        out.setdefault(top, []).append((name, tensor_bytes(aval.shape, aval.dtype, sharding)))
+        leaf = jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding)
+        out.setdefault(top, []).append((name, shd.device_bytes(leaf)))
     return out
 
 

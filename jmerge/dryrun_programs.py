@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jmerge import sharding as shd
-from jmerge.dryrun import size, tensor_bytes
+from jmerge.dryrun import size
 from jmerge.errors import JmergeError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -152,7 +152,7 @@ def _fixed_merges(c, cfg, base, experts, typed, length) -> dict:
     from jmerge.search.gradient import batch_loss
     from jmerge.search.merged import materialise_jit, task_vectors
     from jmerge.search.parametrisations import Coefficients, MethodSettings
-    from jmerge.search.run import BASELINE_SETTINGS
+    from jmerge.search.run import BASELINE_SETTINGS, evolve_param
     # theta, keys and evolve's batches are host values there (uncommitted): the compiler places them
     def placed(theta):
         return jax.eval_shape(lambda: theta)
@@ -161,8 +161,7 @@ def _fixed_merges(c, cfg, base, experts, typed, length) -> dict:
     k = len(experts)
     out = {}
     if (s := c.searches.get("evolve")) is not None:
-        init = {"weight": 1.0 / k, "density": 1.0, "t": 0.5, **s.init}
-        param = MethodSettings(s.method, k, tuple(s.params), tuple(s.global_params))
+        param, init = evolve_param(s, k)
         rows = s.batch_size * len([n for n in typed if c.data[n].weight > 0])
         batch = {n: jax.ShapeDtypeStruct((rows, length), jnp.float32 if n == "weight" else jnp.int32)
                  for n in ("input_ids", "attention_mask", "loss_mask", "weight")}
@@ -190,8 +189,8 @@ def _fixed_merges(c, cfg, base, experts, typed, length) -> dict:
 def search(a, devices, memory, platform):
     from jmerge import data
     from jmerge.search import config as C
-    from jmerge.search.gradient import SearchSpec, search_programs
-    from jmerge.search.parametrisations import Coefficients, Masks, _paths
+    from jmerge.search.gradient import search_programs
+    from jmerge.search.run import coefficient_param, mask_param, search_spec
     c = C.load(a.config)
     mesh = shd.make_mesh(c.mesh, devices)
     cfg = model_config(c.base)
@@ -206,34 +205,25 @@ def search(a, devices, memory, platform):
     length = data.bucket(c.max_len)
     programs, notes = {}, []
 
-    def spec(s, sparsity=0.0, objective="ce"):
-        return SearchSpec(steps=s.steps, lr=s.lr, batch_size=s.batch_size, seed=c.seed,
-                          checkpoint_every=c.checkpoint_every, sparsity=sparsity, warmup=s.warmup,
-                          objective=objective, beta=s.beta)
-
     def reference(s, objective="ce"):
         if objective == "ce" and not s.prefer:
             return None
         return base if s.reference == "base" else experts[s.reference]
 
     if (s := c.searches.get("coefficients")) is not None:
-        modules = tuple(sorted({p[-2] for p in _paths(base["model"]["layers"])})) \
-            if s.granularity == "layer_module" else ()
-        param = Coefficients(k=len(experts), modules=modules, transform=s.transform, init=s.init,
-                             clamp=tuple(s.clamp))
+        param = coefficient_param(s, len(experts), base)
         rows = _search_rows(s, typed)
         programs.update(_prefixed("coefficients", search_programs(
-            cfg, base, list(experts.values()), param, spec(s), rows, length, reference(s))))
+            cfg, base, list(experts.values()), param, search_spec(c, s), rows, length, reference(s))))
         notes.append(f"coefficients ({s.granularity}): batch {rows} x {length} tokens, K = {len(experts)}")
     if (s := c.searches.get("masks")) is not None:
         safe = s.safe or next(iter(experts))
         others = [experts[n] for n in experts if n != safe]
-        param = Masks(k=len(others), lam=(float(s.lam),) * len(others), shared=s.shared,
-                      granularity=s.granularity, temperature=s.temperature, init=s.init)
+        param = mask_param(s, len(others))
         ce_types = typed if s.data is None else [s.data]
         rows = _search_rows(s, ce_types)
         programs.update(_prefixed("masks", search_programs(
-            cfg, experts[safe], others, param, spec(s, s.sparsity, s.objective), rows, length,
+            cfg, experts[safe], others, param, search_spec(c, s, s.sparsity, s.objective), rows, length,
             reference(s, s.objective))))
         notes.append(f"masks ({s.granularity}): batch {rows} x {length} tokens, K = {len(others)}")
     programs.update(_fixed_merges(c, cfg, base, experts, typed, length))
@@ -248,7 +238,7 @@ def search(a, devices, memory, platform):
         programs["eval:score"] = scoring_program(cfg, base, mesh, ev.batch_size, prompt)
     notes.append(f"eval: generation batch {ev.batch_size} x ({prompt} prompt + {ev.max_new_tokens} new) tokens")
     # Not in any program's own peak: the run keeps these loaded while it evaluates and exports.
-    held = sum(tensor_bytes(x.shape, x.dtype, x.sharding) for t in (base, *experts.values()) for x in jax.tree.leaves(t))
+    held = sum(shd.device_bytes(x) for t in (base, *experts.values()) for x in jax.tree.leaves(t))
     notes.append(f"held throughout the run: the base and {len(experts)} experts, {size(held)} per device, beside "
                  "the eval programs (which take only the merged model)")
     return programs, mesh, notes, {"held_beside_eval": held}

@@ -40,6 +40,7 @@ from jmerge.config import ModelConfig, load_config
 from jmerge.errors import JmergeError, first_line
 from jmerge.io.files import read_json, read_text
 from jmerge.models import llama
+from jmerge.objectives import head_weight
 
 # Bumped each time the generation program is traced (tests count recompilations with it).
 TRACE_COUNT = [0]
@@ -113,7 +114,7 @@ def _next_logits(params, cfg: ModelConfig, ids, mask, cache, mesh: Mesh):
     every device at every step (2 GB for a 70B model)."""
     h, cache = llama.forward(params, cfg, ids, mask, cache=cache, last_only=True, return_hidden=True)
     path = "model/embed_tokens/weight" if cfg.tie_word_embeddings else "lm_head/weight"
-    head = params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
+    head = head_weight(params, cfg)
     h = jax.lax.with_sharding_constraint(h, NamedSharding(mesh, P(None, shd.spec_for(path, head.shape, mesh)[1])))
     return jnp.einsum("bd,vd->bv", h, head, preferred_element_type=jnp.float32), cache
 
@@ -186,19 +187,9 @@ def padded_rows(rows: int, mesh: Mesh) -> int:
     return -(-rows // n) * n
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, heads_axis: int | None = None,
-                   heads: int = 0) -> NamedSharding:
-    """Rows over data x fsdp; a KV-heads axis over tensor when tensor divides the head count."""
-    spec = [None] * ndim
-    spec[batch_axis] = ("data", "fsdp")
-    if heads_axis is not None and heads % mesh.shape["tensor"] == 0:
-        spec[heads_axis] = "tensor"
-    return NamedSharding(mesh, P(*spec))
-
-
 def cache_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
-    kv = batch_sharding(mesh, 5, 1, heads_axis=3, heads=cfg.num_kv_heads)  # [L, B, S, Hkv, D]
-    return dict(k=kv, v=kv, mask=batch_sharding(mesh, 2), index=NamedSharding(mesh, P()))
+    kv = shd.batch_sharding(mesh, 5, 1, heads_axis=3, heads=cfg.num_kv_heads)  # [L, B, S, Hkv, D]
+    return dict(k=kv, v=kv, mask=shd.batch_sharding(mesh, 2), index=NamedSharding(mesh, P()))
 
 
 def _cache_init(cfg: ModelConfig, rows: int, length: int, dtype, mesh: Mesh):
@@ -260,7 +251,7 @@ def generation_programs(cfg: ModelConfig, params, mesh: Mesh, rows: int, prompt_
     init = _cache_init(cfg, rows, length + new_tokens, dtype, mesh)
     cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                          jax.eval_shape(init), cache_shardings(cfg, mesh))
-    batch = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=batch_sharding(mesh, 2))
+    batch = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=shd.batch_sharding(mesh, 2))
     key = jax.eval_shape(lambda: jax.random.key(0))
     eos = jax.ShapeDtypeStruct(_eos_slots([0] * eos_count).shape, jnp.int32)
     return dict(cache_init=init.lower(),
@@ -315,7 +306,7 @@ class Generator:
     def _sharding(self, rows: int, ndim: int) -> NamedSharding:
         """Inputs of a batch of `rows` (a multiple of data x fsdp: see `padded_rows`)."""
         assert rows == padded_rows(rows, self.mesh), rows
-        return batch_sharding(self.mesh, ndim)
+        return shd.batch_sharding(self.mesh, ndim)
 
     def _take_cache(self, rows: int, length: int):
         cache = self._caches.pop((rows, length), None)

@@ -145,9 +145,23 @@ def param_shardings(abstract: Any, mesh: Mesh, rules=LLAMA_RULES) -> Any:
         lambda p, x: NamedSharding(mesh, spec_for(path_str(p), tuple(x.shape), mesh, rules)), abstract)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Inputs: batch over data×fsdp when it divides, the rest replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0, heads_axis: int | None = None,
+                   heads: int = 0) -> NamedSharding:
+    """Inputs: the batch axis over data×fsdp, the rest replicated; a heads axis (a KV cache's)
+    over tensor when tensor divides the head count."""
+    spec = [None] * ndim
+    spec[batch_axis] = ("data", "fsdp")
+    if heads_axis is not None and heads % mesh.shape["tensor"] == 0:
+        spec[heads_axis] = "tensor"
+    return NamedSharding(mesh, P(*spec))
+
+
+def device_bytes(x) -> int:
+    """Bytes of one device's shard of an array, abstract (`jax.ShapeDtypeStruct`) or real; the
+    whole array when it has no sharding."""
+    sharding = getattr(x, "sharding", None)
+    shape = sharding.shard_shape(tuple(x.shape)) if sharding is not None else tuple(x.shape)
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

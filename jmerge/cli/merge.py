@@ -6,7 +6,7 @@ import sys
 
 from jmerge import distributed, dryrun
 from jmerge.cli import ArgumentParser, quiet_jax
-from jmerge.compile_cache import persistent_compile_cache
+from jmerge.compile_cache import exported_dir
 
 
 def parser() -> ArgumentParser:
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     if dryrun.wanted(a):
         return dryrun.run("merge", a, argv)
     distributed.check_same_files([a.config])
-    export_cache = persistent_compile_cache()
+    export_cache = exported_dir()  # the cache itself is on: jmerge.cli.run
     from jmerge import sharding
     from jmerge.engine import MergeOptions, merge
 

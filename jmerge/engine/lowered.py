@@ -29,12 +29,6 @@ class Stage:
     key: tuple  # the same key: the same program and arguments
 
 
-def device_bytes(x) -> int:
-    """Bytes of one device's shard of an abstract or real array."""
-    shape = x.sharding.shard_shape(tuple(x.shape)) if getattr(x, "sharding", None) is not None else x.shape
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-
-
 def _key(fn, args) -> tuple:
     leaves, tree = jax.tree.flatten(args)
     return (id(fn), tree, tuple((tuple(np.shape(x)), str(x.dtype), str(getattr(x, "sharding", None)))
@@ -73,16 +67,16 @@ def memory_stages(p: Prepared, mesh: Mesh, seed: int = 0) -> list[Stage]:
         prm, keys = memory.padded_params(g, lay, *group_params(p, g, seed))
         xs = group_input_specs(p, g, lay, mesh)
         out = _group_out(p, g, lay, mesh)
-        live = resident + sum(device_bytes(y) for y, _ in pending)
+        live = resident + sum(shd.device_bytes(y) for y, _ in pending)
         label = _label(g)
         if lay.kind == "steps":
             step = memory.layer_step(method.name, g.static, p.out_dtype, g.base is not None, mesh, lay.spec)
             one = jax.ShapeDtypeStruct((lay.blocks,) + out.shape[1:], out.dtype, sharding=out.sharding)
             moved = jax.ShapeDtypeStruct(one.shape, one.dtype, sharding=leaf_sh) if mesh.size > 1 else one
-            done = (lay.per_device - 1) * device_bytes(moved)  # the calls before the last, moved
+            done = (lay.per_device - 1) * shd.device_bytes(moved)  # the calls before the last, moved
             add(f"{label}: layer step", step, (xs, np.int32(0), prm, keys), live + done)
             if mesh.size > 1:
-                add(f"{label}: move", memory.move_fn(leaf_sh), (one,), live + done + sum(map(device_bytes, xs)))
+                add(f"{label}: move", memory.move_fn(leaf_sh), (one,), live + done + sum(map(shd.device_bytes, xs)))
             pending += [(moved, min(lay.blocks, lay.n - i * lay.blocks)) for i in range(lay.per_device)]
         else:
             fn = memory.merge_fn(method.name, g.static, p.out_dtype, lay.kind, mesh, lay.spec)
@@ -93,7 +87,7 @@ def memory_stages(p: Prepared, mesh: Mesh, seed: int = 0) -> list[Stage]:
             if not memory.placed(pending, leaf_sh):
                 ys, cuts = zip(*pending)
                 add(f"{'.'.join(g.path)}: place", memory.place_fn(leaf_sh, cuts), (list(ys),), resident)
-            resident += device_bytes(jax.ShapeDtypeStruct(_leaf_shape(p, g), p.out_dtype, sharding=leaf_sh))
+            resident += shd.device_bytes(jax.ShapeDtypeStruct(_leaf_shape(p, g), p.out_dtype, sharding=leaf_sh))
             pending = []
     return stages
 

@@ -5,6 +5,7 @@ parameters and one report (`jmerge.search.outputs`, which also lays out the outp
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import itertools
 import time
@@ -35,6 +36,38 @@ BASELINE_SETTINGS = {
 
 def _log(msg: str) -> None:
     print(f"[search] {msg}", flush=True)
+
+
+def search_spec(c: SearchConfig, s: CoefficientSearch | MaskSearch, sparsity: float = 0.0,
+                objective: str = "ce") -> SearchSpec:
+    """A gradient search's training settings from its config section."""
+    return SearchSpec(steps=s.steps, lr=s.lr, batch_size=s.batch_size, seed=c.seed,
+                      checkpoint_every=c.checkpoint_every, sparsity=sparsity, warmup=s.warmup,
+                      objective=objective, beta=s.beta)
+
+
+def coefficient_param(s: CoefficientSearch, k: int, base) -> Coefficients:
+    """The coefficient parametrisation of `searches.coefficients` over K task vectors; `base`
+    (arrays or abstract) names the modules of a per-module λ."""
+    modules = ()
+    if s.granularity == "layer_module":
+        modules = tuple(sorted({p[-2] for p in _paths(base["model"]["layers"])}))
+    elif s.granularity != "layer":
+        raise JmergeError(f"searches.coefficients.granularity must be layer or layer_module, not {s.granularity!r}")
+    return Coefficients(k=k, modules=modules, transform=s.transform, init=s.init, clamp=tuple(s.clamp))
+
+
+def mask_param(s: MaskSearch, k: int) -> Masks:
+    """The training parametrisation of `searches.masks` over K task vectors (export: its `mode`
+    replaced by `s.export`)."""
+    return Masks(k=k, lam=(float(s.lam),) * k, shared=s.shared, granularity=s.granularity,
+                 temperature=s.temperature, init=s.init)
+
+
+def evolve_param(s: EvolveSearch, k: int) -> tuple[MethodSettings, dict[str, float]]:
+    """The per-layer method settings `searches.evolve` searches over K experts, and their start."""
+    init = {"weight": 1.0 / k, "density": 1.0, "t": 0.5, **s.init}
+    return MethodSettings(s.method, k, tuple(s.params), tuple(s.global_params)), init
 
 
 class SearchRun:
@@ -80,10 +113,6 @@ class SearchRun:
         self.logs: dict[str, list] = {}
 
     # ----------------------------------------------------------------- searches
-    def _spec(self, s: CoefficientSearch | MaskSearch, sparsity: float = 0.0, objective: str = "ce") -> SearchSpec:
-        return SearchSpec(steps=s.steps, lr=s.lr, batch_size=s.batch_size, seed=self.c.seed,
-                          checkpoint_every=self.c.checkpoint_every, sparsity=sparsity, warmup=s.warmup,
-                          objective=objective, beta=s.beta)
 
     def _fixed_batches(self, n: int, size: int) -> list[dict]:
         typed = {k: v for k, v in self.typed.items() if v[1] > 0}
@@ -103,14 +132,9 @@ class SearchRun:
 
     def coefficients(self, s: CoefficientSearch) -> None:
         names = list(self.experts)
-        modules = ()
-        if s.granularity == "layer_module":
-            modules = tuple(sorted({p[-2] for p in _paths(self.base["model"]["layers"])}))
-        elif s.granularity != "layer":
-            raise JmergeError(f"searches.coefficients.granularity must be layer or layer_module, not {s.granularity!r}")
-        param = Coefficients(k=len(names), modules=modules, transform=s.transform, init=s.init, clamp=tuple(s.clamp))
+        param = coefficient_param(s, len(names), self.base)
         prefs, reference, extra = self._preferences(s)
-        search = GradientSearch(self.model_cfg, self.base, list(self.experts.values()), param, self._spec(s),
+        search = GradientSearch(self.model_cfg, self.base, list(self.experts.values()), param, search_spec(self.c, s),
                                 param.theta0(self.model_cfg.num_layers), reference=reference)
         log = self.logs.setdefault("coefficients", [])
         search.fit(self.typed, self.pad_id, self.out / "checkpoints" / "coefficients", self.progress, log, prefs)
@@ -122,9 +146,7 @@ class SearchRun:
         others = [n for n in self.experts if n != safe]
         if not others:
             raise JmergeError("searches.masks needs at least one expert besides the safe model")
-        kw = dict(k=len(others), lam=(float(s.lam),) * len(others), shared=s.shared,
-                  granularity=s.granularity, temperature=s.temperature, init=s.init)
-        param = Masks(**kw)
+        param = mask_param(s, len(others))
         safe_params = self.experts[safe]
         prefs, reference, extra = self._preferences(s, s.objective)
         info = dict(safe=safe, experts=others, export=s.export, objective=s.objective, **extra)
@@ -133,19 +155,18 @@ class SearchRun:
         else:
             typed = self.typed if s.data is None else {s.data: self.typed[s.data]}
         search = GradientSearch(self.model_cfg, safe_params, [self.experts[n] for n in others], param,
-                                self._spec(s, s.sparsity, s.objective), param.theta0(safe_params),
+                                search_spec(self.c, s, s.sparsity, s.objective), param.theta0(safe_params),
                                 reference=reference)
         log = self.logs.setdefault("masks", [])
         search.fit(typed, self.pad_id, self.out / "checkpoints" / "masks", self.progress, log, prefs)
-        merged = search.merged(Masks(**kw, mode=s.export))
+        merged = search.merged(dataclasses.replace(param, mode=s.export))
         save_masks(self.out, search.theta, param)
         keep = float(np.mean([float(jnp.mean(jax.nn.sigmoid(t))) for t in jax.tree.leaves(search.theta)]))
         self.results["searched:masks"] = dict(params=merged, info=dict(info, mean_keep_probability=keep))
 
     def evolve(self, s: EvolveSearch) -> None:
         names = list(self.experts)
-        init = {"weight": 1.0 / len(names), "density": 1.0, "t": 0.5, **s.init}
-        param = MethodSettings(s.method, len(names), tuple(s.params), tuple(s.global_params))
+        param, init = evolve_param(s, len(names))
         batches = self._fixed_batches(s.batches, s.batch_size)
         log = self.logs.setdefault("evolve", [])
         spec = EvolveSpec(generations=s.generations, popsize=s.popsize, sigma0=s.sigma0, seed=self.c.seed)
