@@ -24,6 +24,9 @@ from jmerge.errors import JmergeError
 # Seconds to wait with a finished temporary output, before its rename: a window in which tests
 # send signals to a real run.
 HOLD_ENV = "JMERGE_TEST_HOLD_TMP"
+# The process index that kills itself (SIGKILL) as its hold begins: a peer's death at a known
+# point, where a test's own kill could land late on a loaded machine (after every barrier).
+DIE_ENV = "JMERGE_TEST_DIE_IN_HOLD"
 
 
 def _forms(p: str | Path) -> set[Path]:
@@ -197,6 +200,8 @@ def _swap(tmp: Path, out: Path) -> None:
 def _hold_for_tests() -> None:
     secs = os.environ.get(HOLD_ENV)
     if secs:
+        if os.environ.get(DIE_ENV) == str(distributed.index()):
+            os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(float(secs))
 
 
