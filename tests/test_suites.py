@@ -376,7 +376,7 @@ def synthetic_report():
 def test_report_files(tmp_path):
     rep = synthetic_report()
     files = R.write_report(rep, tmp_path)
-    assert set(files) == {"json", "markdown", "png"}
+    assert set(files) == {"json", "markdown", "png", "png_overrefusal"}
     back = json.loads(files["json"].read_text())
     assert back == rep and back["models"][0]["suites"]["safety"]["generations"][0]["response"] == "I'm sorry"
     md = files["markdown"].read_text().splitlines()
@@ -386,7 +386,8 @@ def test_report_files(tmp_path):
     rows = [line for line in md if line.startswith("| merged") or line.startswith("| expert")]
     assert rows[1].startswith("| merged | 0.800 [0.700, 0.900] (n=10) | 0.900 [0.800, 1.000] (n=10) | 0.550 |")
     assert "## Safety refusal rate by category" in md
-    assert files["png"].read_bytes()[:8] == PNG_MAGIC and files["png"].stat().st_size > 2000
+    for f in (files["png"], files["png_overrefusal"]):
+        assert f.read_bytes()[:8] == PNG_MAGIC and f.stat().st_size > 2000
     # without domain the x axis is XSTest compliance; with neither there is nothing to plot
     for m in rep["models"]:
         del m["suites"]["domain"]
@@ -394,6 +395,35 @@ def test_report_files(tmp_path):
     for m in rep["models"]:
         del m["suites"]["overrefusal"]
     assert not R.scatter(rep, tmp_path / "c.png") and not (tmp_path / "c.png").exists()
+
+
+def test_pareto_front_by_hand():
+    pts = [(0.5, 0.5), (0.6, 0.4), (0.5, 0.5), (0.4, 0.4), (0.6, 0.5), (0.1, 0.9), (0.1, 0.8)]
+    # (0.6, 0.5) dominates the first five; (0.1, 0.9) dominates (0.1, 0.8); ties are not dominance
+    assert R.pareto_front(pts) == [4, 5]
+    assert R.pareto_front([(0.5, 0.5), (0.5, 0.5)]) == [0, 1]
+    assert R.pareto_front([]) == []
+
+
+def test_report_intervals_front_and_labels(tmp_path):
+    """Each plotted point carries its bootstrap interval (1 - judge interval flips its ends), the
+    Markdown names the front, and numbers of coincident points are not placed on one another."""
+    rep = synthetic_report()
+    expert, merged = rep["models"]
+    assert R.axis_value(expert, "safety")[:3] == (0.1, 0.0, 0.2)
+    assert R.axis_value(merged, "overrefusal")[:3] == (0.9, 0.8, 1.0)
+    assert R.axis_value(merged, "domain")[:3] == pytest.approx((0.55, 0.45, 0.65))
+    judged = {"suites": {"safety": {"unsafe": {"mean": 0.25, "lo": 0.125, "hi": 0.5, "n": 8}}}}
+    assert R.axis_value(judged, "safety")[:3] == (0.75, 0.5, 0.875)
+    assert R.fronts(rep) == {"domain": ["merged", "expert"], "overrefusal": ["merged", "expert"]}
+    assert "Pareto front" not in R.markdown(rep)  # every model is on it: nothing to say
+    worse = json.loads(json.dumps(merged)) | {"name": "worse"}
+    worse["suites"]["domain"]["tasks"]["pubmedqa"]["accuracy"] = summary(0.5)
+    rep["models"].append(worse)
+    assert R.fronts(rep)["domain"] == ["merged", "expert"] and "worse" in R.fronts(rep)["overrefusal"]
+    assert "Pareto front, safety vs domain: merged, expert" in R.markdown(rep)
+    offsets = R._label_offsets([(100.0, 100.0)] * 3 + [(300.0, 300.0)], 10.0)
+    assert len(set(offsets[:3])) == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,7 +572,8 @@ def test_cli_smollm2_safety_and_overrefusal(tmp_path, capsys):
         assert over["n"] == len(over["generations"]) == 8
         complied = [not J.is_refusal(g["response"]) for g in over["generations"]]
         assert over["compliance"]["mean"] == pytest.approx(np.mean(complied))
-        assert (out / R.PNG_NAME).read_bytes()[:8] == PNG_MAGIC
+        assert (out / R.OVERREFUSAL_PNG_NAME).read_bytes()[:8] == PNG_MAGIC  # no domain suite ran
+        assert not (out / R.PNG_NAME).exists()
     assert "| " + d.name in (out / R.MARKDOWN_NAME).read_text()
 
 

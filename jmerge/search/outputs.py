@@ -3,7 +3,8 @@
     models/<name>/          merged HF directories (searched merges)
     params/<name>.json      learnt coefficients / weights; params/masks.safetensors (SOMF)
     checkpoints/<search>/   resumable state (kill -9 and rerun continues; written by the searches)
-    report/                 report.json, report.md, safety_vs_domain.png, loss_curves.png
+    report/                 report.json, report.md, safety_vs_domain.png, safety_vs_overrefusal.png,
+                            loss_curves.png
 """
 
 from __future__ import annotations
