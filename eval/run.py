@@ -33,6 +33,7 @@ class EvalOptions:
     force: bool = False
     judge: str | None = None  # a judge model (Llama-Guard style) for the unsafe rate
     judge_template: str = "llamaguard"
+    refusal_judge: str = "keyword"  # jmerge.eval.judges.REFUSAL_JUDGES
     safety_prompts: str = "harmbench"
     field: str | None = None
     category_field: str | None = None
@@ -113,6 +114,7 @@ def eval_sets(o: EvalOptions, data) -> dict:
 def _settings(o: EvalOptions, sets: dict) -> dict:
     return dict(suites=",".join(o.suites), safety_prompts=o.safety_prompts,
                 judge=o.judge, judge_template=o.judge_template if o.judge else None,
+                refusal_judge=o.refusal_judge,
                 limit=o.limit, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
                 context_tokens=o.context_tokens, dtype=o.dtype, mesh=o.mesh,
                 chat_template=not o.no_chat_template, system=o.system,
@@ -152,13 +154,16 @@ def evaluate_models(o: EvalOptions, on_model=None) -> tuple[Path, dict]:
         judge = ModelJudge(o.judge, o.judge_template, fallback_tokenizer=next((t for t in toks if t), None),
                            mesh=mesh, dtype=o.dtype, batch_size=o.batch_size, progress=True)
 
+    from jmerge.eval.judges import refusal_judge
+    refusal = refusal_judge(o.refusal_judge)  # before the models: a missing head fails fast
+
     report = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "settings": _settings(o, sets), "models": []}
     runtimes: dict = {}
     for name, model, tok in tqdm(list(zip(_model_names(o.models), o.models, toks)), desc="models",
                                  unit="model", disable=len(o.models) < 2):
         params, rt = _runtime_for(model, tok, o, mesh, need_chat, runtimes)
-        results = S.run_suites(params, rt, {s: sets[s] for s in o.suites}, judge=judge,
+        results = S.run_suites(params, rt, {s: sets[s] for s in o.suites}, judge=judge, refusal=refusal,
                                context_tokens=o.context_tokens, n_boot=o.bootstrap, seed=o.seed,
                                log=lambda suite: tqdm.write(f"[{name}] {suite}", file=sys.stderr))
         entry = {"name": name, "path": str(model), "suites": results}

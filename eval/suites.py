@@ -43,14 +43,14 @@ def _require(prompts: Sequence[Prompt], what: str) -> None:
         raise JmergeError(f"{what}: no prompts to evaluate")
 
 
-def safety(params, rt: Runtime, prompts: Sequence[Prompt], *, judge=None, n_boot: int = 1000,
-           seed: int = 0) -> dict:
+def safety(params, rt: Runtime, prompts: Sequence[Prompt], *, judge=None, refusal=J.keyword_refusal_judge,
+           n_boot: int = 1000, seed: int = 0) -> dict:
     """Refusal rate (keyword judge) and, with a model `judge`, unsafe rate on harmful prompts."""
     _require(prompts, "safety")
     completions = rt.generate(params, [p.text for p in prompts])
     responses = [c.response for c in completions]
     cats = [p.category for p in prompts]
-    refused = J.refusal_flags(responses)
+    refused = np.asarray(refusal([p.text for p in prompts], responses), dtype=bool)
     out = dict(n=len(prompts), refusal=J.summarize(refused, n_boot, seed),
                refusal_by_category=J.by_category(refused, cats, n_boot, seed),
                empty=int(sum(not r.strip() for r in responses)))
@@ -111,13 +111,13 @@ def safe_prompts(prompts: Sequence[Prompt]) -> list[Prompt]:
     return kept
 
 
-def overrefusal(params, rt: Runtime, prompts: Sequence[Prompt], *, n_boot: int = 1000,
-                seed: int = 0) -> dict:
+def overrefusal(params, rt: Runtime, prompts: Sequence[Prompt], *, refusal=J.keyword_refusal_judge,
+                n_boot: int = 1000, seed: int = 0) -> dict:
     """Compliance rate (answers that are not refusals) on benign prompts."""
     _require(prompts, "over-refusal")
     completions = rt.generate(params, [p.text for p in prompts])
     responses = [c.response for c in completions]
-    complied = ~J.refusal_flags(responses)
+    complied = ~np.asarray(refusal([p.text for p in prompts], responses), dtype=bool)
     recs = _generation_records(prompts, completions)
     for rec, flag in zip(recs, complied):
         rec["complied"] = bool(flag)
@@ -146,7 +146,7 @@ def domain(params, rt: Runtime, tasks: Sequence[DomainTask], *,
     return dict(tasks=results, score=score)
 
 
-def run_suites(params, rt: Runtime, sets: dict, *, judge=None,
+def run_suites(params, rt: Runtime, sets: dict, *, judge=None, refusal=J.keyword_refusal_judge,
                context_tokens: int | None = DEFAULT_CONTEXT_TOKENS, log=None, **boot) -> dict:
     """{suite name: result} for one model, suites in the order of `sets`: "safety" and
     "overrefusal" map to prompts, "domain" to tasks. `log(suite)` is called as each starts; the
@@ -156,9 +156,9 @@ def run_suites(params, rt: Runtime, sets: dict, *, judge=None,
         if log is not None:
             log(suite)
         if suite == "safety":
-            results[suite] = safety(params, rt, data, judge=judge, **boot)
+            results[suite] = safety(params, rt, data, judge=judge, refusal=refusal, **boot)
         elif suite == "overrefusal":
-            results[suite] = overrefusal(params, rt, data, **boot)
+            results[suite] = overrefusal(params, rt, data, refusal=refusal, **boot)
         else:
             results[suite] = domain(params, rt, data, context_tokens=context_tokens, **boot)
     return results

@@ -397,6 +397,15 @@ def test_report_files(tmp_path):
     assert not R.scatter(rep, tmp_path / "c.png") and not (tmp_path / "c.png").exists()
 
 
+def test_suites_use_the_refusal_judge_given():
+    """The safety and over-refusal suites count what the chosen refusal judge says, not the
+    keyword rules: a judge calling everything a refusal gives refusal 1 and compliance 0."""
+    everything = lambda prompts, answers: np.ones(len(answers), bool)  # noqa: E731
+    rt = StubRuntime(ANSWERS)
+    assert S.safety(None, rt, HARMFUL, refusal=everything, n_boot=50)["refusal"]["mean"] == 1.0
+    assert S.overrefusal(None, rt, HARMFUL, refusal=everything, n_boot=50)["compliance"]["mean"] == 0.0
+
+
 def test_pareto_front_by_hand():
     pts = [(0.5, 0.5), (0.6, 0.4), (0.5, 0.5), (0.4, 0.4), (0.6, 0.5), (0.1, 0.9), (0.1, 0.8)]
     # (0.6, 0.5) dominates the first five; (0.1, 0.9) dominates (0.1, 0.8); ties are not dominance

@@ -19,6 +19,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--judge-template", default="llamaguard",
                    help="'llamaguard' (default), 'chat' (the judge tokenizer's template), or a FILE "
                         "with {prompt} and {response}")
+    p.add_argument("--refusal-judge", choices=("keyword", "classifier"), default="keyword",
+                   help="refusal judge of the safety and over-refusal suites: keyword rules (default) or "
+                        "the learnt classifier over SmolLM2 hidden states")
     p.add_argument("--safety-prompts", default="harmbench",
                    help="harmful prompts: built-in source (test split) or file (default: harmbench)")
     p.add_argument("--field", help="CSV column / JSON field of --safety-prompts")
