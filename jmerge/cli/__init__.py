@@ -28,6 +28,7 @@ COMMANDS = {
     "inspect": ("jmerge.cli.inspect", "task-vector norms, cosines, sign conflicts -> JSON + PNG"),
     "data": ("jmerge.cli.data", "synthetic training data: jmerge data synth (refusals, benign answers, finance)"),
     "search": ("jmerge.cli.search", "search merge coefficients / masks on data, evaluate, report"),
+    "extract-lora": ("jmerge.cli.extract_lora", "MODEL - BASE as a PEFT LoRA adapter (truncated SVD) + error report"),
 }
 
 
