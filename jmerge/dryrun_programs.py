@@ -151,8 +151,8 @@ def _fixed_merges(c, cfg, base, experts, typed, length) -> dict:
     baselines' merges (`SearchRun.evolve`, `sweep_points`, `baselines`)."""
     from jmerge.search.gradient import batch_loss
     from jmerge.search.merged import materialise_jit, task_vectors
-    from jmerge.search.parametrisations import Coefficients, MethodSettings
-    from jmerge.search.run import BASELINE_SETTINGS, evolve_param
+    from jmerge.search.parametrisations import Coefficients
+    from jmerge.search.run import baseline_experts, baseline_param, evolve_param
     # theta, keys and evolve's batches are host values there (uncommitted): the compiler places them
     def placed(theta):
         return jax.eval_shape(lambda: theta)
@@ -179,10 +179,10 @@ def _fixed_merges(c, cfg, base, experts, typed, length) -> dict:
                 theta = {"layers": jnp.zeros((cfg.num_layers, 2, 1)), "rest": jnp.zeros((2,))}
                 out["baseline:mergealign"] = materialise_jit.lower(base, tvs, placed(theta), param=Coefficients(k=2))
             continue
-        method, values = BASELINE_SETTINGS[b]
-        param = MethodSettings(method, k, tuple(values))
-        out[f"baseline:{b}"] = materialise_jit.lower(base, tvs, placed(param.theta0(cfg.num_layers, values)),
-                                                     param=param, key=key)
+        order = baseline_experts(c, b)
+        these = tvs if order == list(experts) else task_vectors(base, [experts[n] for n in order])
+        param, theta = baseline_param(b, len(order), cfg.num_layers)
+        out[f"baseline:{b}"] = materialise_jit.lower(base, these, placed(theta), param=param, key=key)
     return out
 
 

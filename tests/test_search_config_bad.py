@@ -350,3 +350,22 @@ def test_an_intact_checkpoint_resumes(checkpointed):
     job = SearchRun(C.load(d / "c.yaml"), progress=False)
     job.coefficients(job.c.searches["coefficients"])
     assert job.logs["coefficients"] == []  # both steps came from the checkpoint, none was run
+
+
+def test_role_baseline_needs_the_domain_and_safety_experts(files, capsys, no_model_load, tmp_path):
+    """resta / safe_lora / safemerge take (domain fine-tune, safety-aligned model): experts named
+    otherwise, with no sweep to name them, are one line before any model loads."""
+    cfg = config(files)
+    cfg["out"] = str(tmp_path / "out")
+    cfg["searches"].pop("sweep")
+    cfg["experts"] = {"med": cfg["experts"]["domain"], "safe": cfg["experts"]["safety"]}
+    cfg["baselines"] = ["safe_lora"]
+    (tmp_path / "c.yaml").write_text(dump(cfg))
+    rc, out, err = run_cli(tmp_path / "c.yaml", capsys)
+    assert_one_line(rc, out, err, "baselines: safe_lora merges the experts as (domain fine-tune, safety-aligned "
+                                  "model), named by searches.sweep's domain / align ('domain', 'safety'); there is "
+                                  "no expert 'domain'")
+    cfg["searches"]["sweep"] = {"domain": "med", "align": "safe"}  # named: valid
+    (tmp_path / "c.yaml").write_text(dump(cfg))
+    rc, out, err = run_cli(tmp_path / "c.yaml", capsys)
+    assert "baselines" not in err

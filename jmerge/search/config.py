@@ -17,8 +17,8 @@ from typing import Any
 from jmerge.errors import JmergeError, collect
 from jmerge.search.checks import NAT, NONNEG, POS, POS_INT, REAL, UNIT, Check, Num, show
 from jmerge.search.parametrisations import TRANSFORMS
-from jmerge.search.settings import (BASELINES, SEARCHES, CoefficientSearch, DataSpec, EvalSettings, EvolveSearch,
-                                    MaskSearch, Search, SearchConfig, preference_types)
+from jmerge.search.settings import (BASELINES, ROLE_BASELINES, SEARCHES, CoefficientSearch, DataSpec, EvalSettings,
+                                    EvolveSearch, MaskSearch, Search, SearchConfig, SweepSearch, preference_types)
 
 # Per section: a Num for numeric keys, a tuple of choices for enumerated ones. Bool keys are
 # checked from their defaults; names, paths and lists are checked where they are used.
@@ -87,6 +87,13 @@ def parse(raw: Any, source: Path | None = None) -> SearchConfig:
             close = difflib.get_close_matches(str(b), BASELINES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             ck.bad("baselines", f"unknown baseline {show(b)}{hint}; known: {', '.join(BASELINES)}")
+        elif b in ROLE_BASELINES:
+            roles = searches.get("sweep") or SweepSearch()
+            for name in (roles.domain, roles.align):
+                if name not in experts:
+                    ck.bad("baselines", f"{b} merges the experts as (domain fine-tune, safety-aligned model), "
+                                        f"named by searches.sweep's domain / align ({roles.domain!r}, "
+                                        f"{roles.align!r}); there is no expert {name!r}")
     ev = _eval(ck, raw.get("eval"))
     collect(ck.problems, where)
     return SearchConfig(base=base, experts=experts, data=data, searches=searches, baselines=list(baselines),

@@ -24,14 +24,35 @@ from jmerge.search.outputs import save_masks, write_outputs
 from jmerge.search.parametrisations import Coefficients, Masks, MethodSettings, _paths
 from jmerge.search.population import EvolveSpec, cocktail_weights, evolve, linear_merge
 from jmerge.search.preference import Preference, encode_preferences, read_preferences
-from jmerge.search.settings import (CocktailSearch, CoefficientSearch, EvolveSearch, MaskSearch, SearchConfig,
-                                    SweepSearch)
+from jmerge.search.settings import (ROLE_BASELINES, CocktailSearch, CoefficientSearch, EvolveSearch, MaskSearch,
+                                    SearchConfig, SweepSearch)
 
 # Fixed-coefficient merges every report compares against (documented in the README).
 BASELINE_SETTINGS = {
     "task_arithmetic": ("task_arithmetic", {"weight": 1.0}),
     "ties": ("ties", {"weight": 1.0, "density": 0.5}),
+    "resta": ("resta", {"gamma": 1.0, "density": 1.0}),
+    "safe_lora": ("safe_lora", {"threshold": 0.5}),
+    "safemerge": ("safemerge", {"threshold": 0.7, "weight": 0.5}),
 }
+
+
+def baseline_experts(c: SearchConfig, name: str) -> list[str]:
+    """The experts a baseline merges, in the order its method takes them."""
+    if name not in ROLE_BASELINES:
+        return list(c.experts)
+    s = c.searches.get("sweep") or SweepSearch()
+    return [s.domain, s.align]
+
+
+def baseline_param(name: str, k: int, num_layers: int) -> tuple[MethodSettings, dict]:
+    """The fixed settings of baseline `name` over k experts, and their theta."""
+    from jmerge.merge import registry
+    method, values = BASELINE_SETTINGS[name]
+    m = registry.get(method)
+    param = MethodSettings(method, k, tuple(v for v in values if m.params[v].per_model),
+                           tuple(v for v in values if not m.params[v].per_model))
+    return param, param.theta0(num_layers, values)
 
 
 def _log(msg: str) -> None:
@@ -209,11 +230,12 @@ class SearchRun:
                 theta = {"layers": jnp.full((self.model_cfg.num_layers, 2, 1), 0.5), "rest": jnp.full((2,), 0.5)}
                 yield "fixed:mergealign 0.5/0.5", materialise_jit(self.base, tvs, theta, param=param), {}
                 continue
-            method, values = BASELINE_SETTINGS[b]
-            param = MethodSettings(method, len(names), tuple(values))
-            theta = param.theta0(self.model_cfg.num_layers, values)
-            yield (f"fixed:{b}", materialise_jit(self.base, tvs, theta, param=param, key=jax.random.PRNGKey(self.c.seed)),
-                   dict(values))
+            order = baseline_experts(self.c, b)
+            these = tvs if order == names else task_vectors(self.base, [self.experts[n] for n in order])
+            param, theta = baseline_param(b, len(order), self.model_cfg.num_layers)
+            yield (f"fixed:{b}", materialise_jit(self.base, these, theta, param=param,
+                                                 key=jax.random.PRNGKey(self.c.seed)),
+                   dict(BASELINE_SETTINGS[b][1]))
 
 
 def _select(rows: list[dict], spec, name: str) -> list[dict]:

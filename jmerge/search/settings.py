@@ -11,7 +11,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-BASELINES = ("task_arithmetic", "ties", "mergealign")
+# Fixed merges a config may list (settings in run.py's BASELINE_SETTINGS); a search runs
+# DEFAULT_BASELINES when it lists none.
+BASELINES = ("task_arithmetic", "ties", "mergealign", "resta", "safe_lora", "safemerge")
+DEFAULT_BASELINES = ("task_arithmetic", "ties", "mergealign")
+# Baselines whose method gives the experts roles, models = [domain fine-tune, safety-aligned
+# model]: the experts named by searches.sweep's `domain` / `align` (their defaults without a sweep).
+ROLE_BASELINES = ("resta", "safe_lora", "safemerge")
 
 
 class Section:
@@ -129,7 +135,7 @@ class SearchConfig:
     experts: dict[str, Path]
     data: dict[str, DataSpec]
     searches: dict[str, Search]
-    baselines: list[str] = dataclasses.field(default_factory=lambda: list(BASELINES))
+    baselines: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_BASELINES))
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
     out: Path
     max_len: int = 192
