@@ -28,8 +28,10 @@ def job_params(job: TensorJob, static_names: frozenset, masks: MaskFiles) -> tup
     for k, v in job.params.items():
         if k in static_names:
             static[k] = v[0] if isinstance(v, tuple) else v
-        elif k == "mask":
-            dyn[k] = tuple(masks.get(path, job.out_name) for path in v)
+        elif k in masks.names:  # a `paths=` parameter (somf mask, led scores, fisher): arrays from files
+            names = v if isinstance(v, tuple) else (v,)
+            arrays = tuple(masks.get(path, job.out_name, k) for path in names)
+            dyn[k] = arrays if isinstance(v, tuple) else arrays[0]
         elif isinstance(v, tuple):  # counts from a method's host_params stay integers
             dyn[k] = tuple(x if isinstance(x, np.integer) else np.float32(x) for x in v)
         else:
@@ -48,17 +50,24 @@ def with_host_params(method, job: TensorJob, shape) -> TensorJob:
 
 
 class MaskFiles:
-    """somf masks: a per-model parameter naming a safetensors file keyed by output tensor name."""
+    """Arrays of the method's `paths=` parameters (`names`: somf's mask, led's scores, fisher's
+    fisher): each names a safetensors file keyed by output tensor name, or a directory of them,
+    where the parameter's name picks the file (`fisher` -> fisher.safetensors)."""
 
-    def __init__(self, config_dir: Path):
-        self.dir, self.open = config_dir, {}
+    def __init__(self, config_dir: Path, names: frozenset = frozenset({"mask"})):
+        self.dir, self.open, self.names = config_dir, {}, names
 
-    def get(self, path: str, name: str) -> np.ndarray:
+    def get(self, path: str, name: str, param: str = "mask") -> np.ndarray:
         if path not in self.open:
-            self.open[path] = Checkpoint(locate(path, self.dir))
+            where = Path(locate(path, self.dir))
+            if where.is_dir():
+                where = where / f"{param}.safetensors"
+                if not where.is_file():
+                    raise JmergeError(f"{param} path {path} is a directory without {param}.safetensors")
+            self.open[path] = Checkpoint(where)
         ck = self.open[path]
         if name not in ck.where:
-            raise JmergeError(f"mask file {path} has no tensor {name}")
+            raise JmergeError(f"{param} file {path} has no tensor {name}")
         return np.asarray(ck.array(name), np.float32)
 
 
@@ -97,7 +106,9 @@ def prepare(c: Checked, *, allow_nonfinite: bool = False) -> Prepared:
     layout = hf.hf_layout(out_cfg)
     jobs = {j.out_name: with_host_params(plan.method, j, layout.get(j.out_name)) for j in c.resolved.jobs}
     return Prepared(c, out_cfg, out_dtype, np_dtype(plan.dtype) if plan.dtype else None, tp,
-                    resolve_chat_template(c), jobs, MaskFiles(Path(plan.path).resolve().parent),
+                    resolve_chat_template(c), jobs,
+                    MaskFiles(Path(plan.path).resolve().parent,
+                              frozenset(k for k, prm in plan.method.params.items() if prm.path)),
                     allow_nonfinite=allow_nonfinite)
 
 

@@ -72,7 +72,7 @@ def precompile(p: Prepared, jobs: list[TensorJob], seed: int, cache: Path | None
     for job in jobs:
         specs = input_specs(p, job)
         dyn, static = job_params(job, plan.static_params, p.masks)
-        if specs is None or "mask" in dyn:
+        if specs is None or any(k in dyn for k in p.masks.names):
             continue
         sig = signature(static, specs, dyn)
         if sig in out:
