@@ -28,7 +28,7 @@ def job_params(job: TensorJob, static_names: frozenset, masks: MaskFiles) -> tup
     for k, v in job.params.items():
         if k in static_names:
             static[k] = v[0] if isinstance(v, tuple) else v
-        elif k in masks.names:  # a `paths=` parameter (somf mask, led scores, fisher): arrays from files
+        elif masks is not None and k in masks.names:  # a `paths=` parameter (somf mask, led scores, fisher): arrays from files
             names = v if isinstance(v, tuple) else (v,)
             arrays = tuple(masks.get(path, job.out_name, k) for path in names)
             dyn[k] = arrays if isinstance(v, tuple) else arrays[0]

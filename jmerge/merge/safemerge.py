@@ -23,10 +23,12 @@ def safemerge_layers(base, models, *, threshold=0.7, delta_from="base"):
     return cos < f32(threshold)
 
 
+# No declared range on `weight`: ranges are checked by parameter name across methods, and other
+# methods take weights outside [0, 1].
 @register("safemerge", global_params={"threshold": 0.7, "weight": 0.5, "density": 1.0,
                                       "merge": "linear", "delta_from": "base"},
           base="required", min_models=2, max_models=2, static=("merge", "delta_from"),
-          ranges={"threshold": Range(0, 1), "weight": Range(0, 1), "density": FRACTION})
+          ranges={"threshold": Range(0, 1), "density": FRACTION})
 def safemerge(base, models, *, key=None, threshold=0.7, weight=0.5, density=1.0, merge="linear",
               delta_from="base"):
     """θ = merge(θ_ft, θ_safe) where ρ = cos(ΔW, C ΔW) < threshold, else θ_ft, per HF tensor.
