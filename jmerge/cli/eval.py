@@ -8,6 +8,7 @@ import sys
 from jmerge import dryrun
 from jmerge.cli import ArgumentParser, quiet_jax
 from jmerge.errors import JmergeError
+from jmerge.eval.judges import REFUSAL_JUDGES
 
 
 def parser() -> ArgumentParser:
@@ -19,7 +20,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--judge-template", default="llamaguard",
                    help="'llamaguard' (default), 'chat' (the judge tokenizer's template), or a FILE "
                         "with {prompt} and {response}")
-    p.add_argument("--refusal-judge", choices=("keyword", "classifier"), default="keyword",
+    p.add_argument("--refusal-judge", choices=REFUSAL_JUDGES, default="keyword",
                    help="refusal judge of the safety and over-refusal suites: keyword rules (default) or "
                         "the learnt classifier over SmolLM2 hidden states")
     p.add_argument("--safety-prompts", default="harmbench",
