@@ -166,6 +166,8 @@ def evaluate_models(o: EvalOptions, on_model=None) -> tuple[Path, dict]:
         results = S.run_suites(params, rt, {s: sets[s] for s in o.suites}, judge=judge, refusal=refusal,
                                context_tokens=o.context_tokens, n_boot=o.bootstrap, seed=o.seed,
                                log=lambda suite: tqdm.write(f"[{name}] {suite}", file=sys.stderr))
+        rt.release()  # the next model loads without this one beside it on the devices
+        del params
         entry = {"name": name, "path": str(model), "suites": results}
         report["models"].append(entry)
         if on_model is not None:

@@ -77,6 +77,9 @@ class Runtime:
         if params is not None and params is not self.generator.params:
             self.generator.set_params(params)
 
+    def release(self) -> None:
+        self.generator.release()
+
     def set_tokenizer(self, tokenizer, eos_ids: Sequence[int]) -> None:
         """Another model of the same shape may bring its own tokenizer (chat template, EOS)."""
         self.tokenizer = self.generator.tokenizer = tokenizer

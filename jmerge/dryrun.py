@@ -34,9 +34,11 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 # of the model that a GPU or TPU compile (native bf16) never makes (measured: 8B generation 63.9
 # GiB with the pass, 35.4 without). The simulated compile skips that one pass.
 CPU_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+HOST_KINDS = ("pinned_host", "unpinned_host")  # memory kinds of arguments kept off the device
 # Top-level argument names of the jitted functions -> the share of memory they are.
 SHARES = {"base": "model", "params": "model", "reference": "model", "tvs": "task_vectors",
-          "experts": "task_vectors", "opt_state": "optimizer"}
+          "experts": "task_vectors", "opt_state": "optimizer", "buf": "model", "base_layers": "model",
+          "base_rest": "model", "expert_layers": "task_vectors", "expert_rests": "task_vectors"}
 
 
 def add_flags(p, prompt_tokens: str | None = None) -> None:
@@ -144,8 +146,8 @@ def _arg_names(lowered) -> list[str] | None:
     return list(names) if names else None
 
 
-def argument_bytes(lowered, compiled) -> dict[str, list[tuple[str, int]]]:
-    """Per top-level argument name: (leaf name, per-device bytes) of each of its leaves."""
+def argument_bytes(lowered, compiled) -> dict[str, list[tuple[str, int, str | None]]]:
+    """Per top-level argument name: (leaf name, per-device bytes, memory kind) of each of its leaves."""
     import jax
 
     from jmerge import sharding as shd
@@ -162,7 +164,7 @@ def argument_bytes(lowered, compiled) -> dict[str, list[tuple[str, int]]]:
             continue  # unused, or a PRNG key (a few bytes)
         top = re.split(r"[\[.]", name, maxsplit=1)[0]
         leaf = jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding)
-        out.setdefault(top, []).append((name, shd.device_bytes(leaf)))
+        out.setdefault(top, []).append((name, shd.device_bytes(leaf), getattr(sharding, "memory_kind", None)))
     return out
 
 
@@ -174,10 +176,15 @@ def analyse(name: str, lowered) -> dict:
     compiled = lowered.compile(compiler_options=CPU_OPTIONS if jax.default_backend() == "cpu" else None)
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
-    fields = dict(arguments=m.argument_size_in_bytes, temporaries=m.temp_size_in_bytes,
-                  outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes)
-    peak = fields["arguments"] + fields["temporaries"] + fields["outputs"] - fields["aliased"]
     by_arg = argument_bytes(lowered, compiled)
+    host = sum(b for leaves in by_arg.values() for _, b, kind in leaves if kind in HOST_KINDS)
+    # XLA:CPU counts arguments in host memory (parked models) among the device's arguments
+    # (measured: jax 0.10.2); a platform that counts them apart reports them there.
+    on_device = m.argument_size_in_bytes - (host if not m.host_argument_size_in_bytes else 0)
+    fields = dict(arguments=on_device, temporaries=m.temp_size_in_bytes,
+                  outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes, host_arguments=host)
+    peak = fields["arguments"] + fields["temporaries"] + fields["outputs"] - fields["aliased"]
+    by_arg = {k: [(n, b) for n, b, kind in v if kind not in HOST_KINDS] for k, v in by_arg.items()}
     shares = {"model": 0, "task_vectors": 0, "optimizer": 0, "other": 0}
     for top, leaves in by_arg.items():
         shares[SHARES.get(top, "other")] += sum(b for _, b in leaves)

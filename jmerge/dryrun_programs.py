@@ -149,8 +149,9 @@ def _search_rows(s, typed: list[str]) -> int:
 def _fixed_merges(c, cfg, base, experts, typed, length) -> dict:
     """The search run's other programs: CMA-ES's candidate scorer, the sweep's and the
     baselines' merges (`SearchRun.evolve`, `sweep_points`, `baselines`)."""
+    from jmerge.search.export import export_programs, park_abstract
     from jmerge.search.gradient import batch_loss
-    from jmerge.search.merged import materialise_jit, task_vectors
+    from jmerge.search.merged import task_vectors
     from jmerge.search.parametrisations import Coefficients
     from jmerge.search.run import baseline_experts, baseline_param, evolve_param
     # theta, keys and evolve's batches are host values there (uncommitted): the compiler places them
@@ -160,6 +161,13 @@ def _fixed_merges(c, cfg, base, experts, typed, length) -> dict:
     tvs = task_vectors(base, list(experts.values()))
     k = len(experts)
     out = {}
+    # every merge after the searches is exported from the parked models (`SearchRun.park`)
+    parked, parked_experts = park_abstract((base, experts))
+
+    def exported(name, order, theta, param, key=None):
+        programs = export_programs(parked, task_vectors(parked, [parked_experts[n] for n in order]),
+                                   placed(theta), param, key)
+        out.update({f"{name}:{p}": lowered for p, lowered in programs.items()})
     if (s := c.searches.get("evolve")) is not None:
         param, init = evolve_param(s, k)
         rows = s.batch_size * len([n for n in typed if c.data[n].weight > 0])
@@ -167,22 +175,19 @@ def _fixed_merges(c, cfg, base, experts, typed, length) -> dict:
                  for n in ("input_ids", "attention_mask", "loss_mask", "weight")}
         out["evolve:score"] = batch_loss.lower(placed(param.theta0(cfg.num_layers, init)), base, tvs, batch, key,
                                                cfg=cfg, param=param)
-        out["evolve:materialise"] = materialise_jit.lower(base, tvs, placed(param.theta0(cfg.num_layers, init)),
-                                                          param=param, key=key)
+        exported("evolve", list(experts), param.theta0(cfg.num_layers, init), param, key)
     if (s := c.searches.get("sweep")) is not None:
-        pair = task_vectors(base, [experts[s.domain], experts[s.align]])
         theta = {"layers": jnp.zeros((cfg.num_layers, 2, 1), jnp.float32), "rest": jnp.zeros((2,), jnp.float32)}
-        out["sweep:materialise"] = materialise_jit.lower(base, pair, placed(theta), param=Coefficients(k=2))
+        exported("sweep", [s.domain, s.align], theta, Coefficients(k=2))
     for b in c.baselines:
         if b == "mergealign":
             if k == 2:
                 theta = {"layers": jnp.zeros((cfg.num_layers, 2, 1)), "rest": jnp.zeros((2,))}
-                out["baseline:mergealign"] = materialise_jit.lower(base, tvs, placed(theta), param=Coefficients(k=2))
+                exported("baseline:mergealign", list(experts), theta, Coefficients(k=2))
             continue
         order = baseline_experts(c, b)
-        these = tvs if order == list(experts) else task_vectors(base, [experts[n] for n in order])
         param, theta = baseline_param(b, len(order), cfg.num_layers)
-        out[f"baseline:{b}"] = materialise_jit.lower(base, these, placed(theta), param=param, key=key)
+        exported(f"baseline:{b}", order, theta, param, key)
     return out
 
 
@@ -237,11 +242,13 @@ def search(a, devices, memory, platform):
         from jmerge.eval.runtime import scoring_program
         programs["eval:score"] = scoring_program(cfg, base, mesh, ev.batch_size, prompt)
     notes.append(f"eval: generation batch {ev.batch_size} x ({prompt} prompt + {ev.max_new_tokens} new) tokens")
-    # Not in any program's own peak: the run keeps these loaded while it evaluates and exports.
-    held = sum(shd.device_bytes(x) for t in (base, *experts.values()) for x in jax.tree.leaves(t))
-    notes.append(f"held throughout the run: the base and {len(experts)} experts, {size(held)} per device, beside "
-                 "the eval programs (which take only the merged model)")
-    return programs, mesh, notes, {"held_beside_eval": held}
+    # The searches hold the models on the devices; then they are parked in host memory (what
+    # each export program brings back of them is in its own peak), and the devices hold one
+    # model at a time: the argument of the eval programs.
+    parked = sum(shd.device_bytes(x) for t in (base, *experts.values()) for x in jax.tree.leaves(t))
+    notes.append(f"after the searches: the base and {len(experts)} experts parked in host memory, {size(parked)} "
+                 "per device; each merge exported a group of layers at a time, each model evaluated alone")
+    return programs, mesh, notes, {"parked_host_bytes": parked}
 
 
 # ------------------------------------------------------------------------------------- merge

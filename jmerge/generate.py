@@ -301,6 +301,11 @@ class Generator:
         self.params = placed_params(params, self.mesh, self._param_shardings)
         self.dtype = jax.tree.leaves(self.params)[0].dtype
 
+    def release(self) -> None:
+        """Let the params go (their shapes stay, for the next `set_params`), so the next model
+        can be made without this one beside it on the devices."""
+        self.params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params)
+
     # -- shardings and caches --
 
     def _sharding(self, rows: int, ndim: int) -> NamedSharding:

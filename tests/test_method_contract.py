@@ -8,6 +8,9 @@ it without anyone touching this file:
 4. deterministic under a key: stochastic methods follow it, the others ignore it;
 5. the engine's stream merge and its in-memory merges on 1 and on 8 devices write the same bytes.
 
+Path parameters hold arrays of the tensor's shape, except where PATH_ARRAYS says what a method
+wants (regmean's Gram matrices, [in, in]).
+
 Part 5 runs in one subprocess (this file run as a script, with 8 simulated devices) that merges
 with every method in turn; the parametrized tests assert on the JSON it writes. It starts with
 the module's first test and runs beside parts 1-4.
@@ -43,6 +46,24 @@ SMALL = dict(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_lay
 
 
 # ---------------------------------------------------------------------------- from the metadata
+
+def gram(shape, rng) -> np.ndarray | None:
+    """A Gram matrix XᵀX of random inputs ([in, in], SPD) for a 2-D weight; none (the file lacks
+    the tensor) for any other."""
+    if len(shape) != 2:
+        return None
+    x = rng.standard_normal((2 * shape[1], shape[1]))
+    return (x.T @ x).astype(np.float32)
+
+
+# (method, path parameter) -> (tensor shape, rng) -> its array for that tensor, None for none.
+PATH_ARRAYS = {("regmean", "grams"): gram}
+
+
+def path_array(m: registry.Method, k: str, shape, rng) -> np.ndarray | None:
+    make = PATH_ARRAYS.get((m.name, k))
+    return make(shape, rng) if make else rng.uniform(size=shape).astype(np.float32)
+
 
 def model_count(m: registry.Method) -> int:
     """Models besides the base: two where the method allows it (so that something is combined),
@@ -158,11 +179,11 @@ def runs(name: str) -> list[Run]:
         for with_base in base_choices(m):
             xs = [rng.standard_normal(shape).astype(dtype) for _ in range(n + with_base)]
             base, models = (xs[0], xs[1:]) if with_base else (None, xs)
-            arrays = {k: tuple(rng.uniform(size=shape).astype(np.float32) for _ in range(n))
+            arrays = {k: tuple(path_array(m, k, shape, rng) for _ in range(n))
                       for k, p in m.params.items() if p.path}
             plan = planned(m, n, lambda k: [f"<{k} {i}>" for i in range(n)])
             dyn, static = call_params(m, plan, int(np.prod(shape)), arrays)
-            inputs = xs + [a for v in arrays.values() for a in v]
+            inputs = xs + [a for v in arrays.values() for a in v if a is not None]
             before = [a.copy() for a in inputs]
             what = f"{dtype.name} {shape} {'with' if with_base else 'without'} base"
             if not result:
@@ -216,8 +237,8 @@ def test_deterministic_under_a_key(name):
 
 def engine_config(m: registry.Method, dirs: list[str], work: Path) -> Path:
     """The mergekit YAML the metadata implies over checkpoints dirs[0] (the base, if the method
-    takes one) and the next ones; path parameters get a safetensors file of the base's tensor
-    shapes per model."""
+    takes one) and the next ones; path parameters get a safetensors file per model, of the base's
+    tensor shapes (or PATH_ARRAYS')."""
     import yaml
     from safetensors.numpy import load_file, save_file
     n = model_count(m)
@@ -229,7 +250,8 @@ def engine_config(m: registry.Method, dirs: list[str], work: Path) -> Path:
     def paths(k):
         names = [f"{m.name}-{k}-{i}.safetensors" for i in range(n)]
         for f in names:
-            save_file({t: rng.uniform(size=s).astype(np.float32) for t, s in shapes.items()}, work / f)
+            arrays = {t: path_array(m, k, s, rng) for t, s in shapes.items()}
+            save_file({t: a for t, a in arrays.items() if a is not None}, work / f)
         return names
 
     plan = planned(m, n, paths)

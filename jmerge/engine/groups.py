@@ -12,6 +12,7 @@ import numpy as np
 from jmerge.engine.jobs import BaseFirst, TensorJob
 from jmerge.engine.keys import tensor_key
 from jmerge.engine.prepare import Prepared, job_params
+from jmerge.errors import JmergeError
 from jmerge.io import hf
 
 
@@ -52,6 +53,12 @@ def build_groups(p: Prepared) -> list[Group]:
 def group_params(p: Prepared, g: Group, seed: int):
     """Traced parameters (per-layer vectors for a layered group) and keys of one group."""
     dyn = [job_params(p.jobs[n], p.checked.plan.static_params, p.masks)[0] for n in g.names]
+    if g.layered and len({jax.tree.structure(d) for d in dyn}) > 1:
+        # An optional path file (regmean's grams) holds some of the leaf's layers: the stacked
+        # call cannot take an array for some layers and None for others.
+        raise JmergeError(f"the {', '.join(sorted(p.masks.optional))} files hold some layers of "
+                          f"{'.'.join(g.path[2:])} and not others ({g.names[0]} ... {g.names[-1]}): "
+                          "give all of them or none, or merge with --stream")
     params = jax.tree.map(lambda *xs: np.stack(xs), *dyn) if g.layered else dyn[0]
     keys = None
     if p.checked.plan.method.stochastic:

@@ -52,12 +52,14 @@ def with_host_params(method, job: TensorJob, shape) -> TensorJob:
 class MaskFiles:
     """Arrays of the method's `paths=` parameters (`names`: somf's mask, led's scores, fisher's
     fisher): each names a safetensors file keyed by output tensor name, or a directory of them,
-    where the parameter's name picks the file (`fisher` -> fisher.safetensors)."""
+    where the parameter's name picks the file (`fisher` -> fisher.safetensors). A file of an
+    `optional` parameter (regmean's grams) may lack a tensor: None stands for it."""
 
-    def __init__(self, config_dir: Path, names: frozenset = frozenset({"mask"})):
-        self.dir, self.open, self.names = config_dir, {}, names
+    def __init__(self, config_dir: Path, names: frozenset = frozenset({"mask"}),
+                 optional: frozenset = frozenset()):
+        self.dir, self.open, self.names, self.optional = config_dir, {}, names, optional
 
-    def get(self, path: str, name: str, param: str = "mask") -> np.ndarray:
+    def get(self, path: str, name: str, param: str = "mask") -> np.ndarray | None:
         if path not in self.open:
             where = Path(locate(path, self.dir))
             if where.is_dir():
@@ -67,6 +69,8 @@ class MaskFiles:
             self.open[path] = Checkpoint(where)
         ck = self.open[path]
         if name not in ck.where:
+            if param in self.optional:
+                return None
             raise JmergeError(f"{param} file {path} has no tensor {name}")
         return np.asarray(ck.array(name), np.float32)
 
@@ -108,7 +112,8 @@ def prepare(c: Checked, *, allow_nonfinite: bool = False) -> Prepared:
     return Prepared(c, out_cfg, out_dtype, np_dtype(plan.dtype) if plan.dtype else None, tp,
                     resolve_chat_template(c), jobs,
                     MaskFiles(Path(plan.path).resolve().parent,
-                              frozenset(k for k, prm in plan.method.params.items() if prm.path)),
+                              frozenset(k for k, prm in plan.method.params.items() if prm.path),
+                              frozenset(k for k, prm in plan.method.params.items() if prm.optional)),
                     allow_nonfinite=allow_nonfinite)
 
 

@@ -52,6 +52,9 @@ class Param:
     static: bool = False
     # A file path (somf's mask), not a number.
     path: bool = False
+    # A path whose files may lack a tensor (regmean's Gram matrices exist for linear weights
+    # only): the method then gets None for it instead of an error.
+    optional: bool = False
 
 
 # A fraction of a tensor's entries to keep: 0 would keep nothing.
@@ -131,20 +134,23 @@ def param_spec(name: str) -> Param | None:
 
 
 def register(name: str, *, model_params=None, global_params=None, ranges=None, static=(), paths=(),
-             base="required", stochastic=False, min_models=1, max_models=None, pair=False,
-             single_source=False, needs_data=False, elementwise=False, host_params=None,
+             optional_paths=(), base="required", stochastic=False, min_models=1, max_models=None,
+             pair=False, single_source=False, needs_data=False, elementwise=False, host_params=None,
              normalize_flag=None, divides_by_sum=False):
     """Register `fn` as method `name`. `model_params` / `global_params`: name -> default (None:
     required); `ranges`: name -> Range; `static`, `paths`: names of shape-changing / file-path
-    parameters. `normalize_flag` defaults to `normalize` when the method has that flag."""
+    parameters; `optional_paths`: those paths whose files may lack a tensor. `normalize_flag`
+    defaults to `normalize` when the method has that flag."""
     ranges = dict(ranges or {})
     declared = {**(model_params or {}), **(global_params or {})}
     stray = (set(ranges) | set(static) | set(paths)) - set(declared)
     if stray:
         raise ValueError(f"{name}: metadata for undeclared parameters {sorted(stray)}")
+    if set(optional_paths) - set(paths):
+        raise ValueError(f"{name}: optional_paths {sorted(set(optional_paths) - set(paths))} are not paths")
 
     def param(k, default, per_model):
-        return Param(default, per_model, ranges.get(k), k in static, k in paths)
+        return Param(default, per_model, ranges.get(k), k in static, k in paths, k in optional_paths)
 
     params = {**{k: param(k, v, True) for k, v in (model_params or {}).items()},
               **{k: param(k, v, False) for k, v in (global_params or {}).items()}}

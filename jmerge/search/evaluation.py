@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from jmerge.errors import JmergeError
 from jmerge.search.outputs import slug
@@ -45,21 +45,32 @@ def eval_sets(ev: EvalSettings) -> tuple[dict, str | None, list]:
     return sets, over_source, tasks
 
 
-def evaluate(job: SearchRun, models: Iterable[tuple[str, dict, dict]], prepared: tuple) -> dict:
+def evaluate(job: SearchRun, models: Iterable[tuple[str, dict, dict]], prepared: tuple,
+             keep: Callable[[str, dict, dict], None] | None = None) -> dict:
     """Every model through the eval suites with one Runtime: compiled once, params swapped.
-    `models`: (name, params, info), each let go after its suites (so merges that a generator
-    makes on demand are in memory one at a time). `prepared`: what `eval_sets` returned for the
-    job's config."""
+    `models`: (name, params, info), each brought to the devices (from host memory where parked)
+    and let go after its suites, before the next one is made: merges that a generator makes on
+    demand are on the devices one at a time. `keep(name, params, info)` is given each searched
+    merge after its suites (to save it). `prepared`: what `eval_sets` returned for the job's
+    config."""
     from jmerge.eval import suites as S
     from jmerge.eval.runtime import Runtime
     ev = job.c.eval
     sets, over_source, tasks = prepared
-    rt = Runtime(job.model_cfg, job.base, job.tokenizer, mesh=job.mesh, max_new_tokens=ev.max_new_tokens,
+    import jax
+
+    from jmerge.search.export import on_device
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), job.base)
+    rt = Runtime(job.model_cfg, shapes, job.tokenizer, mesh=job.mesh, max_new_tokens=ev.max_new_tokens,
                  batch_size=ev.batch_size, progress=False)
     from tqdm.auto import tqdm
     entries = []
     for name, params, info in tqdm(models, desc="evaluate", unit="model", disable=not job.progress):
+        params = on_device(params)
         suites = S.run_suites(params, rt, {**sets, "domain": tasks} if tasks else sets)
+        if keep is not None and name.startswith("searched:"):
+            keep(name, params, info)
+        rt.release()
         del params  # before the next one is made
         entries.append(dict(name=name, path=str(job.out / "models" / slug(name)) if name.startswith("searched:") else "",
                             info=info, suites=suites))

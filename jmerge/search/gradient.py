@@ -30,7 +30,8 @@ from jmerge import sharding as shd
 from jmerge.checkpoint import RunCheckpoint, fingerprint
 from jmerge.errors import JmergeError
 from jmerge.objectives import token_logprobs
-from jmerge.search.merged import materialise_jit, merged_hidden, task_vectors, weighted_ce, weighted_nll
+from jmerge.search.export import export, export_programs, park_abstract
+from jmerge.search.merged import merged_hidden, task_vectors, weighted_ce, weighted_nll
 from jmerge.search.parametrisations import Masks
 from jmerge.search.preference import dpo_term, preference_batches, reference_logprobs
 
@@ -302,7 +303,7 @@ class GradientSearch:
         """The merged params (for masks, pass the export parametrisation: soft/threshold/sample)."""
         param = param or self.param
         key = jax.random.PRNGKey(self.spec.seed if seed is None else seed)
-        return materialise_jit(self.base, self.tvs, self.theta, param=param, key=key)
+        return export(self.base, self.tvs, self.theta, param, key)
 
 
 def search_programs(cfg, base, experts, param, spec: SearchSpec, rows: int, length: int,
@@ -313,7 +314,8 @@ def search_programs(cfg, base, experts, param, spec: SearchSpec, rows: int, leng
     a joined preference type) are pytrees of jax.ShapeDtypeStruct laid out as the run lays them
     out (`sharding.param_shardings`); `rows` x `length` is one step's batch (a joined type's
     2·batch_size triple rows included). Keys: reference (when one is given), step,
-    materialise (of `param` itself; an export's mask mode changes no shape)."""
+    export:layers and export:rest (`export.export` of `param` itself; an export's mask
+    mode changes no shape)."""
     mesh = mesh_of(base)
 
     def put(x, sharding):
@@ -338,5 +340,7 @@ def search_programs(cfg, base, experts, param, spec: SearchSpec, rows: int, leng
     batch = step_batch(host, mesh, spec, lower_reference, put)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
     programs["step"] = _step.lower(theta, opt_state, base, tvs, batch, key, cfg=cfg, param=param, spec=spec, mesh=mesh)
-    programs["materialise"] = materialise_jit.lower(base, tvs, theta, param=param, key=key)
+    # A run exports after parking the models (`SearchRun.park`): the dry run lowers it so too.
+    parked = park_abstract((base, experts))
+    programs.update(export_programs(parked[0], task_vectors(*parked), theta, param, key))
     return programs

@@ -62,7 +62,8 @@ def deltas(base, experts) -> list:
     return [jax.tree.map(lambda e, b: e.astype(jnp.float32) - b.astype(jnp.float32), ex, base) for ex in experts]
 
 
-def _keys(key, num_layers):
+def layer_keys(key, num_layers):
+    """(one key per decoder layer, the non-layer tensors' key); (None, None) without a key."""
     if key is None:
         return None, None
     return jax.random.split(jax.random.fold_in(key, 0), num_layers), jax.random.fold_in(key, 1)
@@ -75,7 +76,7 @@ def _split(base, tvs: TaskVectors, theta, param, key, num_layers, mesh=None):
     `_embedding_by_rows`)."""
     base_layers, base_rest = split_layers(base)
     layers, rests = zip(*(split_layers(e) for e in tvs.experts))
-    layer_keys, rest_key = _keys(key, num_layers)
+    keys, rest_key = layer_keys(key, num_layers)
     # Rematerialised: the backward pass takes the non-layer τ again from the models rather than
     # keeping K float32 copies of the embedding and the head.
     rest = jax.checkpoint(lambda b, e, th: param.rest(b, deltas(b, e), th, rest_key))(base_rest, rests, theta["rest"])
@@ -85,7 +86,7 @@ def _split(base, tvs: TaskVectors, theta, param, key, num_layers, mesh=None):
         i, th, k = x
         b, experts = loop_index(stacked, i)
         return _gathered(param.layer(b, deltas(b, experts), th, k), mesh)
-    return _embedding_by_rows(rest, mesh), (jnp.arange(num_layers), theta["layers"], layer_keys), layer_fn
+    return _embedding_by_rows(rest, mesh), (jnp.arange(num_layers), theta["layers"], keys), layer_fn
 
 
 def _gathered(layer, mesh):
@@ -140,14 +141,11 @@ def merged_hidden(base, tvs, theta, cfg, batch, param, key=None, mesh=None) -> H
 
 
 def materialise(base, tvs, theta, param, key=None):
-    """The merged params pytree (for export or evaluation by generation)."""
+    """The merged params pytree in one program (the reference `export.export` is tested
+    against; a run exports by layer groups)."""
     num_layers = jax.tree.leaves(split_layers(base)[0])[0].shape[0]
     rest, xs, layer_fn = _split(base, tvs, theta, param, key, num_layers)
     return join_layers(jax.lax.map(layer_fn, xs), rest)
-
-
-# The one compiled export program of every caller (searches, baselines, sweep points, dry runs).
-materialise_jit = jax.jit(materialise, static_argnames=("param",))
 
 
 def weighted_ce(out, batch):

@@ -18,6 +18,7 @@ import numpy as np
 
 from jmerge import distributed
 from jmerge.search.parametrisations import Masks
+from jmerge.io.atomic import check_workspace
 from jmerge.search.settings import SearchConfig
 
 if TYPE_CHECKING:
@@ -68,26 +69,33 @@ def search_data(cfg: SearchConfig) -> list:
     return [*(d.path for d in cfg.data.values()), cfg.eval.harmful, cfg.eval.domain, cfg.eval.benign]
 
 
-def write_outputs(job: SearchRun, report: dict) -> None:
-    """Every process joins each export (`hf.save_hf` gathers tensor by tensor) and the report's
-    directory; process 0 alone writes files."""
-    from jmerge.eval.report import write_report
-    from jmerge.io import hf
-    from jmerge.io.atomic import atomic_dir, check_workspace
+def open_outputs(job: SearchRun) -> Path:
+    """The output directory, checked (it must not be, hold or lie inside an input) before the
+    first searched merge is saved into it."""
     out = distributed.on_lead(f"{job.out} checked", lambda: check_workspace(
         job.out, search_inputs(job.c), data_dirs=[job.c.eval.data])) or Path(job.out)
-    lead = distributed.is_lead()
-    if lead:
+    if distributed.is_lead():
         (out / "models").mkdir(parents=True, exist_ok=True)
         (out / "params").mkdir(parents=True, exist_ok=True)
-    for name, r in job.results.items():
-        hf.save_hf(r["params"], job.model_cfg, out / "models" / slug(name), force=True,
-                   tokenizer_writer=job.write_tokenizer)
-        if lead:
-            (out / "params" / f"{slug(name)}.json").write_text(json.dumps(r["info"], indent=1, default=float))
+    return out
+
+
+def save_searched(job: SearchRun, out: Path, name: str, params, info: dict) -> None:
+    """One searched merge as an HF directory and its params file. Every process joins the
+    export (`hf.save_hf` gathers tensor by tensor); process 0 alone writes files."""
+    from jmerge.io import hf
+    hf.save_hf(params, job.model_cfg, out / "models" / slug(name), force=True, tokenizer_writer=job.write_tokenizer)
+    if distributed.is_lead():
+        (out / "params" / f"{slug(name)}.json").write_text(json.dumps(info, indent=1, default=float))
+
+
+def write_outputs(job: SearchRun, out: Path, report: dict) -> None:
+    """The report's directory (every process joins it; process 0 writes)."""
+    from jmerge.eval.report import write_report
+    from jmerge.io.atomic import atomic_dir
     with atomic_dir(out / "report", force=True, inputs=search_inputs(job.c),
                     data_dirs=[job.c.eval.data]) as tmp:
-        if lead:
+        if distributed.is_lead():
             write_report(report, tmp)
             _loss_curves(job.logs, tmp / "loss_curves.png")
 

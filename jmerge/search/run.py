@@ -19,8 +19,9 @@ from jmerge import data
 from jmerge.errors import JmergeError
 from jmerge.search.evaluation import eval_sets, evaluate
 from jmerge.search.gradient import GradientSearch, SearchSpec, mixed_stream
-from jmerge.search.merged import materialise_jit, task_vectors
-from jmerge.search.outputs import save_masks, write_outputs
+from jmerge.search.export import export, on_device, park
+from jmerge.search.merged import task_vectors
+from jmerge.search.outputs import open_outputs, save_masks, save_searched, write_outputs
 from jmerge.search.parametrisations import Coefficients, Masks, MethodSettings, _paths
 from jmerge.search.population import EvolveSpec, cocktail_weights, evolve, linear_merge
 from jmerge.search.preference import Preference, encode_preferences, read_preferences
@@ -130,8 +131,24 @@ class SearchRun:
                 exs = data.encode_pairs(self.tokenizer, rows[name], cfg.max_len)
                 self.typed[name] = (_opening(exs, spec.tokens) if spec.tokens else exs, spec.weight)
         self.out = cfg.out
-        self.results: dict[str, dict] = {}  # name -> {"params": pytree, "info": {...}}
+        # name -> {"make": () -> the merged params, "info": {...}}: made when evaluated
+        self.results: dict[str, dict] = {}
         self.logs: dict[str, list] = {}
+
+    def park(self) -> None:
+        """The base and the experts to host memory: what follows the searches only merges them
+        (`export`) and evaluates one model at a time on the devices."""
+        self.base = park(self.base)
+        self.experts = {n: park(p) for n, p in self.experts.items()}
+
+    def _export(self, base: str | None, experts: list[str], theta, param, seed: int | None):
+        """A merge of the job's models (`base`: None for the base, else an expert's name), made
+        when called, from wherever the models are then."""
+        def make():
+            b = self.base if base is None else self.experts[base]
+            key = None if seed is None else jax.random.PRNGKey(seed)
+            return export(b, task_vectors(b, [self.experts[n] for n in experts]), theta, param, key)
+        return make
 
     # ----------------------------------------------------------------- searches
 
@@ -160,7 +177,8 @@ class SearchRun:
         log = self.logs.setdefault("coefficients", [])
         search.fit(self.typed, self.pad_id, self.out / "checkpoints" / "coefficients", self.progress, log, prefs)
         info = dict(experts=names, **extra, **param.report(search.theta))
-        self.results["searched:coefficients"] = dict(params=search.merged(), info=info)
+        self.results["searched:coefficients"] = dict(
+            make=self._export(None, names, search.theta, param, search.spec.seed), info=info)
 
     def masks(self, s: MaskSearch) -> None:
         safe = s.safe or next(iter(self.experts))
@@ -180,10 +198,10 @@ class SearchRun:
                                 reference=reference)
         log = self.logs.setdefault("masks", [])
         search.fit(typed, self.pad_id, self.out / "checkpoints" / "masks", self.progress, log, prefs)
-        merged = search.merged(dataclasses.replace(param, mode=s.export))
         save_masks(self.out, search.theta, param)
         keep = float(np.mean([float(jnp.mean(jax.nn.sigmoid(t))) for t in jax.tree.leaves(search.theta)]))
-        self.results["searched:masks"] = dict(params=merged, info=dict(info, mean_keep_probability=keep))
+        make = self._export(safe, others, search.theta, dataclasses.replace(param, mode=s.export), search.spec.seed)
+        self.results["searched:masks"] = dict(make=make, info=dict(info, mean_keep_probability=keep))
 
     def evolve(self, s: EvolveSearch) -> None:
         names = list(self.experts)
@@ -193,49 +211,43 @@ class SearchRun:
         spec = EvolveSpec(generations=s.generations, popsize=s.popsize, sigma0=s.sigma0, seed=self.c.seed)
         theta, best = evolve(self.model_cfg, self.base, list(self.experts.values()), param, init, batches, spec,
                              self.progress, log)
-        tvs = task_vectors(self.base, list(self.experts.values()))
-        merged = materialise_jit(self.base, tvs, theta, param=param, key=jax.random.PRNGKey(self.c.seed))
         info = dict(method=s.method, experts=names, best_loss=best,
                     theta=jax.tree.map(lambda x: np.asarray(x).tolist(), theta))
-        self.results[f"searched:evolve-{s.method}"] = dict(params=merged, info=info)
+        self.results[f"searched:evolve-{s.method}"] = dict(make=self._export(None, names, theta, param, self.c.seed),
+                                                           info=info)
 
     def cocktail(self, s: CocktailSearch) -> None:
         names = list(self.experts)
         batches = self._fixed_batches(s.batches, s.batch_size)
         w, losses = cocktail_weights(self.model_cfg, list(self.experts.values()), batches, s.temperature)
-        merged = linear_merge(list(self.experts.values()), jnp.asarray(w, jnp.float32))
-        self.results["searched:cocktail"] = dict(params=merged, info=dict(experts=names, weights=w.tolist(),
-                                                                           losses=losses.tolist()))
+        merged = park(linear_merge(list(self.experts.values()), jnp.asarray(w, jnp.float32)))
+        self.results["searched:cocktail"] = dict(make=lambda: on_device(merged), info=dict(
+            experts=names, weights=w.tolist(), losses=losses.tolist()))
 
     # Sweep points and baselines are generators: each merge is made when the evaluation asks for
     # it and let go after its suites, so one of them is in memory at a time.
     def sweep_points(self, s: SweepSearch) -> Iterator[tuple[str, dict, dict]]:
-        tvs = task_vectors(self.base, [self.experts[s.domain], self.experts[s.align]])
         param = Coefficients(k=2)
         for a in s.alpha:
             for b in s.beta:
                 theta = {"layers": jnp.broadcast_to(jnp.asarray([[a], [b]], jnp.float32), (self.model_cfg.num_layers, 2, 1)),
                          "rest": jnp.asarray([a, b], jnp.float32)}
-                yield (f"sweep:mergealign a={a:g} b={b:g}", materialise_jit(self.base, tvs, theta, param=param),
+                yield (f"sweep:mergealign a={a:g} b={b:g}", self._export(None, [s.domain, s.align], theta, param, None)(),
                        dict(alpha=a, beta=b))
 
     def baselines(self) -> Iterator[tuple[str, dict, dict]]:
         names = list(self.experts)
-        tvs = task_vectors(self.base, list(self.experts.values()))
         for b in self.c.baselines:
             if b == "mergealign":
                 if len(names) != 2:
                     continue
                 param = Coefficients(k=2)
                 theta = {"layers": jnp.full((self.model_cfg.num_layers, 2, 1), 0.5), "rest": jnp.full((2,), 0.5)}
-                yield "fixed:mergealign 0.5/0.5", materialise_jit(self.base, tvs, theta, param=param), {}
+                yield "fixed:mergealign 0.5/0.5", self._export(None, names, theta, param, None)(), {}
                 continue
             order = baseline_experts(self.c, b)
-            these = tvs if order == names else task_vectors(self.base, [self.experts[n] for n in order])
             param, theta = baseline_param(b, len(order), self.model_cfg.num_layers)
-            yield (f"fixed:{b}", materialise_jit(self.base, these, theta, param=param,
-                                                 key=jax.random.PRNGKey(self.c.seed)),
-                   dict(BASELINE_SETTINGS[b][1]))
+            yield f"fixed:{b}", self._export(None, order, theta, param, self.c.seed)(), dict(BASELINE_SETTINGS[b][1])
 
 
 def _select(rows: list[dict], spec, name: str) -> list[dict]:
@@ -268,10 +280,13 @@ def run(cfg: SearchConfig, progress: bool = True) -> dict:
         if name in cfg.searches:
             _log(f"search: {name}")
             getattr(job, name)(cfg.searches[name])
+    out = open_outputs(job)
+    job.park()
     held = [("base", job.base, {})] + [(f"expert:{n}", p, {}) for n, p in job.experts.items()]
-    searched = [(n, r["params"], r["info"]) for n, r in job.results.items()]
+    searched = ((n, r["make"](), r["info"]) for n, r in job.results.items())
     sweep = job.sweep_points(cfg.searches["sweep"]) if "sweep" in cfg.searches else []
-    report = evaluate(job, itertools.chain(held, job.baselines(), searched, sweep), sets)
+    report = evaluate(job, itertools.chain(held, job.baselines(), searched, sweep), sets,
+                      keep=lambda name, params, info: save_searched(job, out, name, params, info))
     report["settings"]["seconds"] = time.perf_counter() - t0
-    write_outputs(job, report)
+    write_outputs(job, out, report)
     return report
