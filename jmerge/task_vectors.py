@@ -25,8 +25,9 @@ def _bucket(name: str) -> str:
     return "embed" if "embed" in name else "head"
 
 
-def analyse(base, models: list) -> dict:
-    """base, models: engine.ModelInput. Returns the report as a dict."""
+def analyse(base, models: list, safemerge: dict | None = None) -> dict:
+    """base, models: engine.ModelInput. Returns the report as a dict; with `safemerge` (the
+    config's threshold and delta_from) also which tensors a SafeMERGE merge merges."""
     from jmerge.engine.prepare import read_tensor
 
     names = [n for n in base.source.names()]
@@ -44,6 +45,7 @@ def analyse(base, models: list) -> dict:
     buckets: dict[str, dict] = {}
     nonfinite: list[str] = []  # "MODEL: TENSOR" holding NaN/Inf; their rows' numbers become NaN
     f32 = np.float32
+    decisions: dict[str, tuple[bool, float | None]] = {}
     for n in names:
         b = buckets.setdefault(_bucket(n), {"sq": np.zeros(k), "dot": np.zeros((k, k)),
                                             "both": np.zeros((k, k)), "conflict": np.zeros((k, k))})
@@ -51,6 +53,9 @@ def analyse(base, models: list) -> dict:
         thetas = [read_tensor(m, n, None).astype(f32).ravel() for m in models]
         nonfinite += [f"{m.ref}: {n}" for m, x in zip([base] + list(models), [theta0] + thetas)
                       if not np.isfinite(x).all()]
+        if safemerge is not None:
+            decisions[n] = _safemerge_decision(read_tensor(base, n, None), [read_tensor(m, n, None) for m in models],
+                                               **safemerge)
         taus = [x - theta0 for x in thetas]
         signs = [np.sign(t) for t in taus]
         for i in range(k):
@@ -93,7 +98,39 @@ def analyse(base, models: list) -> dict:
         "sign_conflict_per_row": {f"{refs[i]} | {refs[j]}": [float(conflict(buckets[r])[i, j]) for r in rows]
                                   for i, j in pairs},
         "nonfinite": nonfinite,
+        **({"safemerge": dict(safemerge, merged=[n for n, (m, _) in decisions.items() if m],
+                              cosine={n: c for n, (_, c) in decisions.items() if c is not None})}
+           if safemerge is not None else {}),
     }
+
+
+def _safemerge_decision(base, models, threshold: float, delta_from: str) -> tuple[bool, float | None]:
+    """(whether `safemerge` merges this tensor, its projection cosine; None for 1-D tensors),
+    from the method's own functions."""
+    from jmerge.merge.safe_lora import fine_tune_delta, projection_cosine
+    from jmerge.merge.safemerge import safemerge_layers
+    merged = bool(safemerge_layers(base, models, threshold=threshold, delta_from=delta_from))
+    if np.ndim(base) != 2:
+        return merged, None
+    dw = fine_tune_delta("safemerge", base, models, delta_from)
+    cos, _ = projection_cosine(np.asarray(models[1], np.float32) - np.asarray(base, np.float32), dw)
+    return merged, float(cos)
+
+
+def safemerge_settings(config: str | Path) -> dict | None:
+    """The threshold and delta_from of a safemerge config (None for another method)."""
+    from jmerge.engine import load_plan
+    from jmerge.merge import registry
+    plan = load_plan(config)
+    if plan.method.name != "safemerge":
+        return None
+    defaults = registry.get("safemerge").params
+    out = {k: plan.params.get(k, defaults[k].default) for k in ("threshold", "delta_from")}
+    if not isinstance(out["threshold"], (int, float)):
+        raise JmergeError(f"{config}: inspect's SafeMERGE report needs one threshold, got {out['threshold']!r}")
+    if len(plan.referenced()) != 3:
+        raise JmergeError(f"{config}: SafeMERGE takes a base and two models (domain fine-tune, safety model)")
+    return {"threshold": float(out["threshold"]), "delta_from": str(out["delta_from"])}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -154,7 +191,7 @@ def inspect(base: str, models: list[str], out: str | Path, config_dir: Path = Pa
         raise JmergeError("inspect needs at least one model besides the base")
     b = open_model(base, config_dir)
     ms = [open_model(m, config_dir) for m in models]
-    report = analyse(b, ms)
+    report = analyse(b, ms, safemerge_settings(config) if config else None)
     with atomic_dir(out, force, inputs=inputs) as tmp:
         if distributed.is_lead():  # every process computed the same report; one writes it
             (tmp / "report.json").write_text(dumps_json(report, indent=2))  # NaN -> null: strict JSON

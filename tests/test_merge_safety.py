@@ -351,6 +351,25 @@ def test_cli_merge(capsys, tmp_path, dirs, method, params, golden):
         np.testing.assert_allclose(f32(got[n]), golden(b[n], ft[n], al[n]), rtol=1e-4, atol=1e-5, err_msg=n)
 
 
+def test_inspect_reports_the_tensors_safemerge_merges(capsys, tmp_path, dirs):
+    """`jmerge inspect` of a safemerge config lists the tensors the merge merges: exactly those
+    where `jmerge merge` of the same config wrote something other than the fine-tune."""
+    import json
+
+    from jmerge.cli import inspect, merge, run
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"models: [{{model: {dirs['m1']}}}, {{model: {dirs['m2']}}}]\nmerge_method: safemerge\n"
+                   f"base_model: {dirs['m0']}\nparameters: {{threshold: 0.75, weight: 0.4}}\n")
+    capsys.readouterr()
+    assert run(merge.main, [str(cfg), str(tmp_path / "out"), "-q"]) == 0, capsys.readouterr().err
+    assert run(inspect.main, [str(cfg), "--out", str(tmp_path / "report")]) == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "report" / "report.json").read_text())["safemerge"]
+    got, ft = tensors(tmp_path / "out"), tensors(dirs["m1"])
+    changed = sorted(n for n in got if not np.array_equal(f32(got[n]), f32(ft[n])))
+    assert sorted(rep["merged"]) == changed and 0 < len(changed) < len(got)
+    assert rep["threshold"] == 0.75 and all((rep["cosine"][n] < 0.75) == (n in changed) for n in rep["cosine"])
+
+
 def test_cli_rejects_out_of_range(capsys, tmp_path, dirs):
     from jmerge.cli import merge, run
     cfg = tmp_path / "c.yml"
