@@ -164,18 +164,22 @@ def keyword_refusal_judge(prompts: Sequence[str], answers: Sequence[str]) -> np.
     return refusal_flags(answers)
 
 
-REFUSAL_JUDGES = ("keyword", "classifier")
+REFUSAL_JUDGES = ("keyword", "classifier", "lm")
 
 
 def refusal_judge(name: str = "keyword", **kw) -> Judge:
-    """The refusal judge called `name`: "keyword" (the rules above; the default) or "classifier"
-    (`jmerge.eval.refusal_classifier`: a learnt head over SmolLM2 hidden states and the rule flag;
-    loads the 135M judge model, `kw` go to `ClassifierRefusalJudge`)."""
+    """The refusal judge called `name`: "keyword" (the rules above; the default), "classifier"
+    (`jmerge.eval.refusal_classifier`: a learnt head over SmolLM2 hidden states and the rule flag)
+    or "lm" (`jmerge.eval.refusal_lm`: SmolLM2 asked whether the answer refuses). The last two
+    load the 135M judge model; `kw` go to their classes."""
     if name == "keyword":
         return keyword_refusal_judge
     if name == "classifier":
         from jmerge.eval.refusal_classifier import ClassifierRefusalJudge
         return ClassifierRefusalJudge(**kw)
+    if name == "lm":
+        from jmerge.eval.refusal_lm import PromptedRefusalJudge
+        return PromptedRefusalJudge(**kw)
     raise JmergeError(f"refusal judge {name!r}: choose one of {', '.join(REFUSAL_JUDGES)}")
 
 

@@ -36,25 +36,30 @@ def judge_text(prompt: str, answer: str, with_prompt: bool = False) -> str:
     return f"Question: {prompt.strip()}\nAnswer: {answer.strip()}" if with_prompt else f"Answer: {answer.strip()}"
 
 
+def load_judge_model(model, what: str):
+    """(config, params, tokenizer) of a judge model: a path jmerge loads, a `Loaded`, or None for
+    the embedded default (SmolLM2-135M-Instruct, converted by `jmerge default-model`)."""
+    from jmerge.generate import load_tokenizer
+    from jmerge.io import Loaded, load_model
+    if model is None:
+        from jmerge.default_model import cached_default_dir
+        model = cached_default_dir()
+        if model is None:
+            raise JmergeError(f"{what}: the default SmolLM2 model is not converted yet "
+                              "(run `jmerge default-model`, or pass a model directory)")
+    loaded = model if isinstance(model, Loaded) else load_model(str(model))
+    return loaded.cfg, loaded.params, load_tokenizer(Path(str(loaded.source)), loaded.write_tokenizer)
+
+
 class Embedder:
     """Pooled final hidden states of a causal LM over `judge_text`; one compiled program."""
 
     def __init__(self, model=None, max_tokens: int = MAX_TOKENS, batch: int = BATCH, with_prompt: bool = False):
         import jax
 
-        from jmerge.generate import load_tokenizer
-        from jmerge.io import Loaded, load_model
         from jmerge.models import llama
 
-        if model is None:
-            from jmerge.default_model import cached_default_dir
-            model = cached_default_dir()
-            if model is None:
-                raise JmergeError("refusal classifier: the default SmolLM2 model is not converted yet "
-                                  "(run `jmerge default-model`, or pass a model directory)")
-        loaded = model if isinstance(model, Loaded) else load_model(str(model))
-        self.cfg, self.params = loaded.cfg, loaded.params
-        self.tokenizer = load_tokenizer(Path(str(loaded.source)), loaded.write_tokenizer)
+        self.cfg, self.params, self.tokenizer = load_judge_model(model, "refusal classifier")
         self.max_tokens, self.batch, self.with_prompt = max_tokens, batch, with_prompt
         self.pad = self.tokenizer.pad_token_id or 0
         cfg = self.cfg

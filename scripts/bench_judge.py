@@ -46,9 +46,12 @@ def main(argv=None) -> None:
         best = float("inf")
         for _ in range(a.repeat if name == "keyword" else 1):
             t0 = time.perf_counter()
-            pred = judge(prompts, answers)
+            scores = judge.scores(prompts, answers) if name == "lm" else None
+            pred = judge(prompts, answers) if scores is None else scores > judge.threshold
             best = min(best, time.perf_counter() - t0)
         rows[name] = (len(answers) / best, load, RC.agreement(pred, y)["agreement"])
+        if name == "lm":
+            held_out(judge, sets, np.split(scores, np.cumsum([len(s.y) for s in sets])[:-1]))
     base = rows.get("keyword", (None,))[0]
     print(f"{len(answers)} answers; cores: {os.cpu_count()}; agreement is in-sample for the classifier "
           "(its head was trained on these rows: see scripts/train_judge.py for held-out numbers)")
@@ -56,6 +59,20 @@ def main(argv=None) -> None:
     for name, (rate, load, agr) in rows.items():
         ratio = f"{rate / base:.2e}" if base else "-"
         print(f"{name:<12}{rate:>12.1f}{ratio:>12}{load:>9.1f}{agr:>11.3f}")
+
+
+def held_out(judge, sets, scores) -> None:
+    """The prompted judge's cut fitted on one labelled file, its agreement on the other."""
+    from jmerge.eval.refusal_lm import best_threshold
+    for i, tune in enumerate(sets):
+        cut = best_threshold(scores[i], tune.y)
+        for j, test in enumerate(sets):
+            a = RC.agreement(scores[j] > cut, test.y)
+            print(f"lm judge, cut {cut:+.3f} fitted on {tune.model}: {test.model} agreement {a['agreement']:.3f} "
+                  f"confusion {a['confusion']}" + (" (in-sample)" if i == j else " (held out)"))
+    for s, sc in zip(sets, scores):
+        a = RC.agreement(sc > judge.threshold, s.y)
+        print(f"lm judge, shipped cut {judge.threshold:+.3f}: {s.model} agreement {a['agreement']:.3f} {a['confusion']}")
 
 
 if __name__ == "__main__":

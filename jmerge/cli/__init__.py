@@ -29,6 +29,7 @@ COMMANDS = {
     "data": ("jmerge.cli.data", "synthetic training data: jmerge data synth (refusals, benign answers, finance)"),
     "search": ("jmerge.cli.search", "search merge coefficients / masks on data, evaluate, report"),
     "extract-lora": ("jmerge.cli.extract_lora", "MODEL - BASE as a PEFT LoRA adapter (truncated SVD) + error report"),
+    "stats": ("jmerge.cli.stats", "Fisher, SNIP scores, linear-input Grams of a model on data (fisher, led, regmean)"),
 }
 
 

@@ -112,8 +112,7 @@ def export(base, tvs: TaskVectors, theta, param, key=None, group: int = GROUP):
     layers, rest, n = _parts(base, tvs, theta, key)
     size = min(group, n)
     shapes = _buffers(*layers, param)
-    buf = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                  out_shardings=jax.tree.map(lambda s: s.sharding, shapes))()
+    buf = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), shapes)
     for start in _starts(n, group):
         buf = merge_group(buf, *layers, start, param=param, size=size)
     return join_layers(buf, merge_rest(*rest, param=param))
