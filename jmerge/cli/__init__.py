@@ -41,6 +41,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a command that writes one output directory: --mesh, --force, -q."""
+    p.add_argument("--mesh", help="device mesh, e.g. fsdp=4,tensor=2 (default: all devices on fsdp)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists (never an input, nor a folder holding one)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so the same cleanup as for Ctrl-C runs (temporary
     outputs removed, old outputs kept)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jmerge.cli import ArgumentParser
+from jmerge.cli import ArgumentParser, add_output_flags
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -14,12 +14,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
     p.add_argument("--dtype", choices=DTYPES, help="cast weights (default: keep the source's)")
     p.add_argument("--max-shard-size", default="5GB", help="HF output shard size (default 5GB)")
-    p.add_argument("--mesh", help="device mesh, e.g. fsdp=4,tensor=2 (default: all devices on fsdp)")
     p.add_argument("--base", help="base model for an adapter directory")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights")
-    p.add_argument("--force", action="store_true",
-                   help="replace OUT if it exists (never an input, nor a folder holding one)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_output_flags(p)
     return p
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jmerge.cli import ArgumentParser, quiet_jax
+from jmerge.cli import ArgumentParser, add_output_flags, quiet_jax
 
 
 def parser() -> ArgumentParser:
@@ -13,10 +13,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--rank", type=int, required=True, help="LoRA rank r (1 .. min(out, in) of every module)")
     p.add_argument("--modules", help="comma-separated linear names, e.g. q_proj,v_proj (default: every "
                                      "attention and MLP projection; embeddings, lm_head and norms never)")
-    p.add_argument("--mesh", help="device mesh, e.g. fsdp=4,tensor=2 (default: all devices on fsdp)")
-    p.add_argument("--force", action="store_true",
-                   help="replace OUT if it exists (never an input, nor a folder holding one)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_output_flags(p)
     return p
 
 

@@ -3,7 +3,7 @@ prompt/response data, the files the fisher, led and regmean merge methods read."
 
 from __future__ import annotations
 
-from jmerge.cli import ArgumentParser, quiet_jax
+from jmerge.cli import ArgumentParser, add_output_flags, quiet_jax
 
 
 def parser() -> ArgumentParser:
@@ -19,10 +19,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--batches", type=int, help="use only the first N batches of the file (default: all)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype of the model (statistics are float32 either way)")
-    p.add_argument("--mesh", help="device mesh, e.g. fsdp=4,tensor=2 (default: all devices on fsdp)")
-    p.add_argument("--force", action="store_true",
-                   help="replace OUT if it exists (never an input, nor a folder holding one)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_output_flags(p)
     return p
 
 
