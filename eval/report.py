@@ -32,6 +32,8 @@ def headline(entry: dict) -> dict:
             row["unsafe (judge) ↓"] = s["safety"]["unsafe"]
     if "overrefusal" in s:
         row[overrefusal_column(s["overrefusal"])] = s["overrefusal"]["compliance"]
+    for variant, rate in s.get("jailbreak", {}).get("refusal", {}).items():
+        row[f"jailbreak {variant} refusal ↑"] = rate
     if "domain" in s:
         row["domain score ↑"] = s["domain"]["score"]
         for name, task in s["domain"]["tasks"].items():

@@ -105,6 +105,8 @@ def eval_sets(o: EvalOptions, data) -> dict:
         raise JmergeError("--field/--category-field apply to --safety-prompts; the safety suite is not selected")
     if "overrefusal" in o.suites:
         sets["overrefusal"] = S.safe_prompts(load_xstest(data))[:o.limit]
+    if "jailbreak" in o.suites:
+        sets["jailbreak"] = S.jailbreak_prompts(o.limit)
     if "domain" in o.suites:
         tasks = [load_domain(d, data) for d in (o.domain or ["pubmedqa"])]
         sets["domain"] = [DomainTask(t.name, t.kind, t.items[:o.limit]) for t in tasks]
@@ -136,7 +138,7 @@ def evaluate_models(o: EvalOptions, on_model=None) -> tuple[Path, dict]:
 
     # Data first: a missing file should not wait for a model to load.
     sets = eval_sets(o, data)
-    generating = "safety" in o.suites or "overrefusal" in o.suites or any(
+    generating = bool({"safety", "overrefusal", "jailbreak"} & set(o.suites)) or any(
         t.kind == "numeric" for t in sets.get("domain", []))
     need_chat = generating and not o.no_chat_template
 

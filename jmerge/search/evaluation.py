@@ -36,6 +36,8 @@ def eval_sets(ev: EvalSettings) -> tuple[dict, str | None, list]:
                 raise
             xs, over_source = _benign(ev.benign), str(ev.benign)
         sets["overrefusal"] = S.safe_prompts(xs)[:limit]
+    if "jailbreak" in ev.suites:
+        sets["jailbreak"] = S.jailbreak_prompts(limit)
     tasks = []
     if "domain" in ev.suites:
         if ev.domain is None:
