@@ -202,7 +202,11 @@ def _hold_for_tests() -> None:
     if secs:
         if os.environ.get(DIE_ENV) == str(distributed.index()):
             os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(float(secs))
+        # Short sleeps: a signal the kernel gave to another of the process's threads (XLA runs
+        # many) interrupts no sleep of the main thread, which sees it only when a sleep ends.
+        end = time.monotonic() + float(secs)
+        while time.monotonic() < end:
+            time.sleep(0.1)
 
 
 def _disk_full(e: BaseException, out: Path) -> None:
