@@ -69,13 +69,14 @@ def markdown(report: dict) -> str:
              "Rates with bootstrap 95% intervals [lo, hi] and the number of prompts n.", ""]
     lines += _table(["model"] + columns, [[m["name"]] + [_cell(h.get(c)) for c in columns]
                                          for m, h in zip(models, heads)])
-    for suite, key, what in (("safety", "refusal_by_category", "Safety refusal rate"),
+    for suite, key, what in (("safety", "refusal_by_source", "Safety refusal rate"),
+                             ("safety", "refusal_by_category", "Safety refusal rate"),
                              ("overrefusal", "compliance_by_category",
                               next((overrefusal_column(m["suites"]["overrefusal"]).removesuffix(" ↑")
                                     for m in models if "overrefusal" in m["suites"]), ""))):
         cats = list(dict.fromkeys(c for m in models for c in m["suites"].get(suite, {}).get(key, {})))
         if len(cats) > 1:
-            lines += ["", f"## {what} by category", ""]
+            lines += ["", f"## {what} by {key.rsplit('_', 1)[1]}", ""]
             lines += _table(["model"] + cats, [[m["name"]] + [
                 _cell(m["suites"].get(suite, {}).get(key, {}).get(c)) for c in cats] for m in models])
     for axis, names in fronts(report).items():

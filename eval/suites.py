@@ -51,8 +51,11 @@ def safety(params, rt: Runtime, prompts: Sequence[Prompt], *, judge=None, refusa
     responses = [c.response for c in completions]
     cats = [p.category for p in prompts]
     refused = np.asarray(refusal([p.text for p in prompts], responses), dtype=bool)
+    # By source too: a pooled set ("harmbench,donotanswer,advbench") says where refusals hold,
+    # e.g. on a source the model was not trained on next to those it was.
     out = dict(n=len(prompts), refusal=J.summarize(refused, n_boot, seed),
                refusal_by_category=J.by_category(refused, cats, n_boot, seed),
+               refusal_by_source=J.by_category(refused, [p.source for p in prompts], n_boot, seed),
                empty=int(sum(not r.strip() for r in responses)))
     recs = _generation_records(prompts, completions)
     for rec, flag in zip(recs, refused):

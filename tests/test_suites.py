@@ -643,3 +643,15 @@ def test_jailbreak_suite_reports_each_variant():
     from jmerge.eval.report import headline
     row = headline({"suites": {"jailbreak": res}})
     assert row["jailbreak past_tense refusal ↑"]["mean"] == 0.5
+
+
+def test_safety_by_source_in_results_and_report():
+    """A pooled harmful set reports each source's refusal rate (the leave-one-source-out view)."""
+    from jmerge.eval.report import markdown
+    prompts = [Prompt("p1", "harmbench", "h:1"), Prompt("p2", "harmbench", "h:2"), Prompt("p3", "advbench", "a:1"),
+               Prompt("p4", "advbench", "a:2")]
+    res = S.safety(None, StubRuntime(ANSWERS), prompts, n_boot=200)
+    by = res["refusal_by_source"]
+    assert (by["harmbench"]["mean"], by["advbench"]["mean"], by["advbench"]["n"]) == (0.5, 0.5, 2)
+    md = markdown({"models": [{"name": "m", "suites": {"safety": res}}]})
+    assert "## Safety refusal rate by source" in md and "| model | advbench | harmbench |" in md
